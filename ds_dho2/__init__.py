@@ -1,0 +1,9 @@
+"""ds_dho2: a distributed hybrid-order optimizer (Newton in the top-k Hessian subspace, AdamW elsewhere)
+that DeepSpeed builds from ``"optimizer": {"type": "DHO2"}`` with ZeRO-partitioned curvature state."""
+
+from ds_dho2.config import ADMMConfig, ConfigError, CurvatureConfig, DHO2Config
+from ds_dho2.curvature import estimate_top_eigenpairs
+from ds_dho2.optimizer import DHO2
+
+__all__ = ["ADMMConfig", "ConfigError", "CurvatureConfig", "DHO2", "DHO2Config", "estimate_top_eigenpairs"]
+__version__ = "0.1.0"

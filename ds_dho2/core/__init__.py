@@ -1,0 +1,1 @@
+"""Rank-agnostic math on flat 1-D tensors that may be shards; collectives go through a Communicator."""
