@@ -7,3 +7,17 @@ from ds_dho2.optimizer import DHO2
 
 __all__ = ["ADMMConfig", "ConfigError", "CurvatureConfig", "DHO2", "DHO2Config", "estimate_top_eigenpairs"]
 __version__ = "0.1.0"
+
+
+def _register_with_deepspeed() -> None:
+    """Register ``"type": "DHO2"`` with DeepSpeed when it is installed (it is an optional dependency)."""
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return
+    from ds_dho2.integrations.deepspeed import register
+
+    register()
+
+
+_register_with_deepspeed()

@@ -19,18 +19,27 @@ from ds_dho2.hvp.strategies import HessianVectorProduct, LossClosure
 
 
 def hessian_operator(model: torch.nn.Module, closure: LossClosure, hvp: HessianVectorProduct,
-                     layout: ShardLayout, comm: Communicator) -> MatVec:
-    """``q_r -> (H q)_r`` on this rank's partition, ``H`` averaged over the ranks' batches."""
+                     layout: ShardLayout, shard_comm: Communicator, batch_comm: Communicator | None = None) -> MatVec:
+    """``q_r -> (H q)_r`` on this rank's partition, ``H`` averaged over the ranks' batches.
+
+    ``shard_comm`` joins the partitions of the vector (all-gather); ``batch_comm`` averages the products
+    of the ranks' own micro-batches. Under ZeRO both are the data-parallel group and the average is a
+    reduce-scatter; with replicated parameters (ZeRO stage 0) the vector is whole on every rank
+    (``shard_comm`` is local) and the products are all-reduced.
+    """
     params = layout.params
+    batch_comm = shard_comm if batch_comm is None else batch_comm
 
     def matvec(local_vector: torch.Tensor) -> torch.Tensor:
-        full = comm.all_gather(local_vector)[: layout.total_numel]
+        full = shard_comm.all_gather(local_vector)[: layout.total_numel]
         vectors = [v.to(p.dtype) for v, p in zip(layout.unflatten(full), params)]
         product = hvp(model, params, closure, vectors)
         flat = layout.flatten(product, dtype=local_vector.dtype)
+        if batch_comm is not shard_comm:
+            return layout.local_slice(batch_comm.all_reduce_mean(flat))
         padded = flat.new_zeros(layout.partition_numel * layout.world_size)
         padded[: flat.numel()] = flat
-        return comm.reduce_scatter_mean(padded).clone()
+        return shard_comm.reduce_scatter_mean(padded).clone()
 
     return matvec
 

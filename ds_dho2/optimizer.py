@@ -108,7 +108,9 @@ class DHO2(torch.optim.Optimizer):
                  newton_momentum: float = 0.9, refresh_interval: int = 100, warmup_steps: int | None = None,
                  lr_clip: float | None = None, eig_floor: float = 1e-4, hvp: str = "auto",
                  lanczos_dtype: str = "float64", seed: int = 0, curvature: dict | None = None,
-                 admm: dict | None = None) -> None:
+                 admm: dict | None = None, **unknown: Any) -> None:
+        if unknown:
+            DHO2Config.from_dict(unknown)  # raises ConfigError naming the unknown key(s)
         config_args = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, base=base, momentum=momentum,
                            rank=rank, lanczos_order=lanczos_order, alpha=alpha, newton_momentum=newton_momentum,
                            refresh_interval=refresh_interval, warmup_steps=warmup_steps, lr_clip=lr_clip,
@@ -129,6 +131,7 @@ class DHO2(torch.optim.Optimizer):
             self.param_groups[0]["weight_decay"] = decays[0]
         self._layout: ShardLayout | None = None
         self._comm: Communicator = LocalCommunicator()
+        self._batch_comm: Communicator = self._comm
         self._partitioned = False
         self._weight_decay_vector: torch.Tensor | None = None
         self._capture: BatchCapture | None = None
@@ -166,9 +169,15 @@ class DHO2(torch.optim.Optimizer):
         return self
 
     def bind_partition(self, layout: ShardLayout, comm: Communicator) -> None:
-        """Use a rank's flat partition (DeepSpeed ZeRO): ``param_groups[0]['params']`` is that partition."""
-        self._layout, self._comm, self._partitioned = layout, comm, True
+        """Use a rank's flat partition (DeepSpeed ZeRO-1/2): ``param_groups[0]['params']`` is that
+        partition, ``layout`` maps it to the module's parameters and ``comm`` is the data-parallel group."""
+        self._layout, self._comm, self._batch_comm, self._partitioned = layout, comm, comm, True
         self._weight_decay_vector = None
+
+    def bind_replicated(self, batch_comm: Communicator) -> None:
+        """Parameters are whole on every rank (ZeRO stage 0): curvature averages HVPs over ``batch_comm``."""
+        self._comm, self._batch_comm, self._partitioned = LocalCommunicator(), batch_comm, False
+        self._layout, self._weight_decay_vector = None, None
 
     @property
     def model(self) -> torch.nn.Module | None:
@@ -272,7 +281,8 @@ class DHO2(torch.optim.Optimizer):
             curvature[K.LANCZOS] = LanczosRun.start(start, min(cfg.lanczos_order, layout.total_numel), self._comm).state
             curvature[K.LANCZOS_STARTED_AT] = step
         run = LanczosRun(curvature[K.LANCZOS])
-        operator = hessian_operator(self._capture.model, self._closure, self._hvp, layout, self._comm)
+        operator = hessian_operator(self._capture.model, self._closure, self._hvp, layout, self._comm,
+                                    self._batch_comm)
         try:
             with self._capture.paused():
                 if cfg.curvature.mode is CurvatureMode.BLOCKING:

@@ -31,15 +31,20 @@ class Communicator(abc.ABC):
     def all_gather(self, local: torch.Tensor) -> torch.Tensor:
         """Concatenate the equally sized 1-D ``local`` tensors of all ranks in rank order."""
 
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Average ``tensor`` over ranks, in place; returns it."""
+        self.all_reduce(tensor)
+        if self.world_size > 1:
+            tensor.div_(self.world_size)
+        return tensor
+
     def reduce_scatter_mean(self, full: torch.Tensor) -> torch.Tensor:
         """Average a padded full-length vector over ranks and return this rank's equal-sized partition.
 
         The default is an all-reduce followed by a slice (gloo has no reduce-scatter); backends that have
         one override this.
         """
-        self.all_reduce(full)
-        if self.world_size > 1:
-            full.div_(self.world_size)
+        self.all_reduce_mean(full)
         size = full.numel() // self.world_size
         return full[self.rank * size:(self.rank + 1) * size]
 
@@ -92,7 +97,8 @@ class TorchDistCommunicator(Communicator):
         if self._world_size == 1:
             return local
         out = torch.empty(local.numel() * self._world_size, dtype=local.dtype, device=local.device)
-        self._dist.all_gather_into_tensor(out, local.contiguous(), group=self._group)
+        gather = getattr(self._dist, "all_gather_single", None) or self._dist.all_gather_into_tensor
+        gather(out, local.contiguous(), group=self._group)
         return out
 
     def reduce_scatter_mean(self, full: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Glue to DeepSpeed and Hugging Face; optional dependencies are imported only here."""

@@ -1,0 +1,123 @@
+"""DeepSpeed integration: ``"optimizer": {"type": "DHO2"}`` in a DeepSpeed JSON config.
+
+Registration (idempotent, done by ``import ds_dho2``):
+
+* ``torch.optim.DHO2`` is set, which is how DeepSpeed 0.19 both validates an optimizer name and builds
+  it (``getattr(torch.optim, name)(model_parameters, **params)``), so the ``"params"`` block reaches the
+  DHO2 constructor and its validation;
+* DHO2 joins ``deepspeed.runtime.zero.utils.ZERO_SUPPORTED_OPTIMIZERS``, so ZeRO needs no
+  ``zero_allow_untested_optimizer``;
+* ``DeepSpeedEngine._configure_optimizer`` is wrapped so that, once ZeRO has partitioned the parameters,
+  DHO2 is bound to the rank's flat partition (an exact :class:`ShardLayout`) and attached to the module.
+  Unsupported set-ups (ZeRO-3, optimizer offload, elastic checkpoints, stage 0 with fp16/bf16) fail here,
+  inside ``deepspeed.initialize``, with a message saying what is supported.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+
+from ds_dho2.dist.comm import TorchDistCommunicator
+from ds_dho2.dist.layout import ShardLayout
+from ds_dho2.optimizer import DHO2
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZER_NAME = "DHO2"
+SUPPORTED = "DHO2 supports ZeRO stages 0 (fp32), 1 and 2 (fp32 and bf16) without optimizer offload."
+_WRAPPED_MARKER = "_ds_dho2_wrapped"
+
+
+class UnsupportedDeepSpeedSetup(RuntimeError):
+    """A DeepSpeed configuration DHO2 cannot run under; raised inside ``deepspeed.initialize``."""
+
+
+def register() -> None:
+    """Make ``"type": "DHO2"`` work in DeepSpeed configs (safe to call many times)."""
+    import deepspeed.runtime.zero.utils as zero_utils
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    torch.optim.DHO2 = DHO2  # type: ignore[attr-defined]
+    if DHO2 not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
+        zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(DHO2)
+    original = DeepSpeedEngine._configure_optimizer
+    if getattr(original, _WRAPPED_MARKER, False):
+        return
+
+    @functools.wraps(original)
+    def configure_optimizer(engine: Any, client_optimizer: Any, model_parameters: Any) -> None:
+        uses_dho2 = isinstance(client_optimizer, DHO2) or (
+            client_optimizer is None and engine.optimizer_name() == OPTIMIZER_NAME)
+        if uses_dho2:
+            check_engine_config(engine)
+        original(engine, client_optimizer, model_parameters)
+        if isinstance(engine.basic_optimizer, DHO2):
+            bind_engine(engine)
+
+    setattr(configure_optimizer, _WRAPPED_MARKER, True)
+    DeepSpeedEngine._configure_optimizer = configure_optimizer
+
+
+def check_engine_config(engine: Any) -> None:
+    """Reject, before any state is built, the DeepSpeed settings DHO2 does not support."""
+    stage = engine.zero_optimization_stage()
+    if stage >= 3:
+        raise UnsupportedDeepSpeedSetup(
+            f"DHO2 does not support ZeRO stage {stage}: its Hessian-vector products need each rank's full "
+            f"parameters. {SUPPORTED} Set zero_optimization.stage to 1 or 2.")
+    if stage > 0 and (engine.zero_offload_optimizer() is not None or engine.zero_cpu_offload()):
+        raise UnsupportedDeepSpeedSetup(
+            f"DHO2 does not support ZeRO optimizer offload. {SUPPORTED} Remove zero_optimization.offload_optimizer.")
+    if stage > 0 and engine.zero_elastic_checkpoint():
+        raise UnsupportedDeepSpeedSetup(
+            "DHO2 does not support zero_optimization.elastic_checkpoint: its curvature state is not a 1-D "
+            "partition DeepSpeed can re-split. Set elastic_checkpoint to false.")
+    if stage == 0 and (engine.fp16_enabled() or engine.bfloat16_enabled()):
+        raise UnsupportedDeepSpeedSetup(
+            f"DHO2 under ZeRO stage 0 supports fp32 only. {SUPPORTED} Use zero_optimization.stage 1 or 2 for "
+            "bf16/fp16.")
+
+
+def bind_engine(engine: Any) -> None:
+    """Bind the engine's DHO2 to its ZeRO partition (or replicated parameters) and attach the module."""
+    optimizer: DHO2 = engine.basic_optimizer
+    stage = engine.zero_optimization_stage()
+    if stage == 0:
+        optimizer.bind_replicated(TorchDistCommunicator(engine.data_parallel_group))
+    else:
+        optimizer.bind_partition(*zero_partition_layout(engine.optimizer, optimizer))
+    optimizer.attach(engine.module)
+    logger.info("DHO2 bound to DeepSpeed engine (ZeRO stage %d).", stage)
+
+
+def zero_partition_layout(zero_optimizer: Any, optimizer: DHO2) -> tuple[ShardLayout, TorchDistCommunicator]:
+    """The exact map between a DeepSpeed ZeRO-1/2 optimizer's flat fp32 partition and module parameters."""
+    required = ("round_robin_bit16_groups", "round_robin_bit16_padding", "partition_size",
+                "single_partition_of_fp32_groups", "real_dp_process_group")
+    missing = [name for name in required if not hasattr(zero_optimizer, name)]
+    if missing:
+        raise UnsupportedDeepSpeedSetup(
+            f"DHO2 cannot read the partition layout of {type(zero_optimizer).__name__} (missing {missing}). "
+            f"{SUPPORTED} With ZeRO-1 + bf16, do not set data_types.grad_accum_dtype to fp32.")
+    if len(zero_optimizer.round_robin_bit16_groups) != 1:
+        raise UnsupportedDeepSpeedSetup(
+            f"DHO2 expects one ZeRO parameter group, found {len(zero_optimizer.round_robin_bit16_groups)}.")
+    if any(int(pad) != 0 for pad in zero_optimizer.round_robin_bit16_padding[0]):
+        raise UnsupportedDeepSpeedSetup(
+            "DHO2 does not support zero_optimization.parameter_alignment (padding between parameters). "
+            "Set it to false.")
+    partition = zero_optimizer.single_partition_of_fp32_groups[0]
+    if optimizer.param_groups[0]["params"][0] is not partition:
+        raise UnsupportedDeepSpeedSetup("DHO2's parameter group is not ZeRO's fp32 partition; unexpected wrapper.")
+    group = zero_optimizer.real_dp_process_group[0]
+    comm = TorchDistCommunicator(group)
+    layout = ShardLayout(params=tuple(zero_optimizer.round_robin_bit16_groups[0]), rank=comm.rank,
+                         world_size=comm.world_size, partition_numel=int(zero_optimizer.partition_size[0]))
+    if partition.numel() != layout.partition_numel:
+        raise UnsupportedDeepSpeedSetup(
+            f"ZeRO partition has {partition.numel()} elements but the layout expects {layout.partition_numel}.")
+    return layout, comm

@@ -1,0 +1,1 @@
+"""Shared test helpers (multi-process launching, small models)."""
