@@ -105,13 +105,16 @@ class ADMMConfig:
 
     ``max_extrapolation_ratio`` is the overshoot safeguard: the window-end extrapolation ``y/rho`` is
     scaled down so that its global norm never exceeds ``max_extrapolation_ratio * ||x||``.
-    ``window=None`` means "the curvature refresh interval".
+    ``dual_decay`` multiplies ``y`` after each window end (1.0 = the literal rule, where ``y/rho``
+    accumulates every past window's displacement; 0.0 = extrapolate by the last window's displacement
+    only). ``window=None`` means "the curvature refresh interval".
     """
 
     enabled: bool = False
     rho: float = 5e-9
     window: int | None = None
     max_extrapolation_ratio: float = 0.05
+    dual_decay: float = 1.0
 
     def __post_init__(self) -> None:
         _check_bool("admm.enabled", self.enabled)
@@ -119,6 +122,7 @@ class ADMMConfig:
         if self.window is not None:
             _check_int("admm.window", self.window, low=1)
         _check_number("admm.max_extrapolation_ratio", self.max_extrapolation_ratio, low=0.0)
+        _check_number("admm.dual_decay", self.dual_decay, low=0.0, high=1.0)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -201,7 +205,7 @@ class DHO2Config:
         if not isinstance(self.curvature, CurvatureConfig):
             _fail("curvature", self.curvature, "a mapping with keys enabled, mode, iterations_per_step")
         if not isinstance(self.admm, ADMMConfig):
-            _fail("admm", self.admm, "a mapping with keys enabled, rho, window, max_extrapolation_ratio")
+            _fail("admm", self.admm, "a mapping with keys enabled, rho, window, max_extrapolation_ratio, dual_decay")
 
     @property
     def admm_window(self) -> int:

@@ -10,6 +10,7 @@ keeps the state. Under DeepSpeed ZeRO the flat vector is the rank's partition, b
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -401,15 +402,17 @@ class DHO2(torch.optim.Optimizer):
         x.add_(direction)
         if cfg.admm.enabled and step % cfg.admm_window == 0:
             result = admm_window_end(x, curvature[K.ADMM_DUAL], curvature[K.ADMM_ANCHOR], rho=cfg.admm.rho,
-                                     max_extrapolation_ratio=cfg.admm.max_extrapolation_ratio, comm=comm)
+                                     max_extrapolation_ratio=cfg.admm.max_extrapolation_ratio, comm=comm,
+                                     dual_decay=cfg.admm.dual_decay)
             self.stats.update(admm_extrapolation_norm=result.extrapolation_norm, admm_safeguard_scale=result.scale)
 
     # -------------------------------------------------------------------------------------- checkpoints
     def load_state_dict(self, state_dict: dict) -> None:
         """Like ``torch.optim.Optimizer.load_state_dict`` but keeps the curvature state's dtypes (float64
-        Lanczos basis, eigenpairs) instead of casting them to the parameters' dtype."""
-        curvature_by_index = {index: entry.get(K.CURVATURE) for index, entry in state_dict["state"].items()
-                              if isinstance(entry, dict)}
+        Lanczos basis, eigenpairs) instead of casting them to the parameters' dtype, and never aliases the
+        tensors of the state dict it was given."""
+        curvature_by_index = {index: copy.deepcopy(entry.get(K.CURVATURE))
+                              for index, entry in state_dict["state"].items() if isinstance(entry, dict)}
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         for index, curvature in curvature_by_index.items():

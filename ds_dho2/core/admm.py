@@ -3,7 +3,8 @@
 Every step the update sees ``g + y``. At a window end: ``y <- y + rho*(x - z)``, ``x <- x + y/rho``,
 ``z <- x``. Safeguard: the extrapolation ``e = y/rho`` is scaled so that ``||e|| <= ratio * ||x||``
 (global norms across ranks); when it is scaled, ``y`` is scaled by the same factor so the dual keeps
-describing the displacement that was actually applied. A non-finite extrapolation is skipped and the dual
+describing the displacement that was actually applied. An optional ``dual_decay`` then shrinks ``y``
+(a second safeguard: with 1.0 ``y/rho`` is the sum of all past window displacements). A non-finite extrapolation is skipped and the dual
 reset, so parameters never become NaN.
 """
 
@@ -29,7 +30,7 @@ class WindowEndResult:
 
 
 def admm_window_end(x: torch.Tensor, dual: torch.Tensor, anchor: torch.Tensor, *, rho: float,
-                    max_extrapolation_ratio: float, comm: Communicator) -> WindowEndResult:
+                    max_extrapolation_ratio: float, comm: Communicator, dual_decay: float = 1.0) -> WindowEndResult:
     """Apply the window-end rule in place on ``x`` (parameters), ``dual`` (y) and ``anchor`` (z)."""
     dual.add_(x - anchor, alpha=rho)
     extrapolation = dual / rho
@@ -49,4 +50,6 @@ def admm_window_end(x: torch.Tensor, dual: torch.Tensor, anchor: torch.Tensor, *
         extrapolation.mul_(scale)
     x.add_(extrapolation)
     anchor.copy_(x)
+    if dual_decay != 1.0:
+        dual.mul_(dual_decay)
     return WindowEndResult(extrapolation_norm=extrapolation_norm * scale, scale=scale, skipped=False)

@@ -11,13 +11,19 @@ Registration (idempotent, done by ``import ds_dho2``):
   DHO2 is bound to the rank's flat partition (an exact :class:`ShardLayout`) and attached to the module.
   Unsupported set-ups (ZeRO-3, optimizer offload, elastic checkpoints, stage 0 with fp16/bf16) fail here,
   inside ``deepspeed.initialize``, with a message saying what is supported.
+
+:func:`load_config` reads one of the ``ds_configs/*.json`` files (written for the Hugging Face Trainer,
+which fills their ``"auto"`` values) and resolves every ``"auto"`` for plain ``deepspeed.initialize``.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
+import json
 import logging
-from typing import Any
+import os
+from typing import Any, Mapping
 
 import torch
 
@@ -121,3 +127,68 @@ def zero_partition_layout(zero_optimizer: Any, optimizer: DHO2) -> tuple[ShardLa
         raise UnsupportedDeepSpeedSetup(
             f"ZeRO partition has {partition.numel()} elements but the layout expects {layout.partition_numel}.")
     return layout, comm
+
+
+#: What :func:`load_config` puts in place of ``"auto"`` when no override is given. ``train_batch_size``
+#: has no default: an ``"auto"`` there is removed so DeepSpeed computes micro batch x accumulation x world.
+AUTO_DEFAULTS: dict[str, Any] = {
+    "train_micro_batch_size_per_gpu": 8,
+    "gradient_accumulation_steps": 1,
+    "gradient_clipping": 1.0,
+    "lr": 1e-3,
+    "betas": [0.9, 0.999],
+    "eps": 1e-8,
+    "weight_decay": 0.0,
+}
+_TOP_LEVEL_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                   "gradient_clipping")
+
+
+def load_config(path: str | os.PathLike | Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
+    """A DeepSpeed config (JSON file or dict) with every ``"auto"`` resolved, for ``deepspeed.initialize``.
+
+    ``overrides`` name top-level batch/clipping keys (``train_batch_size``, ``train_micro_batch_size_per_gpu``,
+    ``gradient_accumulation_steps``, ``gradient_clipping``) or keys of ``optimizer.params`` (``lr``, ``betas``,
+    ``eps``, ``weight_decay`` and any DHO2 key such as ``rank`` or ``refresh_interval``); they replace the
+    value whether it is ``"auto"`` or not. Remaining ``"auto"`` values take :data:`AUTO_DEFAULTS`
+    (``train_batch_size`` is removed so DeepSpeed derives it). An ``"auto"`` anywhere else, or an override
+    that names no such key, raises ``ValueError`` naming it.
+    """
+    if isinstance(path, Mapping):
+        config = copy.deepcopy(dict(path))
+    else:
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    params = config.get("optimizer", {}).get("params")
+    for key, value in overrides.items():
+        if key in _TOP_LEVEL_KEYS:
+            config[key] = value
+        elif params is not None:
+            params[key] = value
+        else:
+            raise ValueError(f"load_config: cannot apply override {key}={value!r}: the config has no "
+                             "optimizer.params block and it is not a top-level batch/clipping key.")
+    if config.get("train_batch_size") == "auto":
+        del config["train_batch_size"]
+    for key in _TOP_LEVEL_KEYS[1:]:
+        if config.get(key) == "auto":
+            config[key] = AUTO_DEFAULTS[key]
+    if params is not None:
+        for key, value in list(params.items()):
+            if value == "auto" and key in AUTO_DEFAULTS:
+                params[key] = copy.deepcopy(AUTO_DEFAULTS[key])
+    leftover = _auto_paths(config)
+    if leftover:
+        hint = (" DHO2's hvp='auto' is its default: omit the key (accelerate and the HF Trainer reject any "
+                "'auto' they cannot fill)." if "optimizer.params.hvp" in leftover else "")
+        raise ValueError(f"load_config: no value for \"auto\" at {', '.join(leftover)}; pass it as an override "
+                         f"or write a value in the config.{hint}")
+    return config
+
+
+def _auto_paths(value: Any, prefix: str = "") -> list[str]:
+    if isinstance(value, Mapping):
+        return [path for key, item in value.items() for path in _auto_paths(item, f"{prefix}{key}.")]
+    if isinstance(value, list):
+        return [path for index, item in enumerate(value) for path in _auto_paths(item, f"{prefix}{index}.")]
+    return [prefix.rstrip(".")] if value == "auto" else []

@@ -1,0 +1,213 @@
+"""ADMM coupling: the window-end rule and the dual-augmented gradient against hand computations,
+the overshoot safeguard, and sharded (W=2 DeepSpeed ZeRO-2) equality with the unsharded optimizer."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from ds_dho2 import DHO2
+from ds_dho2.core.admm import admm_window_end
+from ds_dho2.dist import LocalCommunicator
+from tests.helpers.distributed import run_ranks
+
+
+class Quadratic(torch.nn.Module):
+    """0.5 x^T A x - b^T x with an ill-conditioned A; forward returns the scalar loss."""
+
+    def __init__(self, size: int = 12, seed: int = 0) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        basis, _ = torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=torch.float64))
+        spectrum = torch.logspace(0, 2, size, dtype=torch.float64)
+        self.register_buffer("A", basis @ torch.diag(spectrum) @ basis.t())
+        self.register_buffer("b", torch.randn(size, generator=generator, dtype=torch.float64) * 3)
+        self.x = torch.nn.Parameter(torch.full((size,), 0.1, dtype=torch.float64))
+
+    def gradient(self, x: torch.Tensor) -> torch.Tensor:
+        return self.A @ x - self.b
+
+    def forward(self) -> torch.Tensor:
+        return 0.5 * self.x @ self.A @ self.x - self.b @ self.x
+
+
+def test_window_end_rule_and_dual_gradient_match_hand_computation() -> None:
+    model = Quadratic()
+    lr, rho, window, betas, eps = 0.05, 0.5, 3, (0.9, 0.999), 1e-8
+    opt = DHO2(model.parameters(), lr=lr, betas=betas, eps=eps, curvature={"enabled": False},
+               admm={"enabled": True, "rho": rho, "window": window, "max_extrapolation_ratio": 1e9})
+    x = model.x.detach().clone()
+    dual, anchor = torch.zeros_like(x), x.clone()
+    exp_avg, exp_avg_sq = torch.zeros_like(x), torch.zeros_like(x)
+    for step in range(1, 10):
+        opt.zero_grad()
+        model().backward()
+        opt.step()
+        grad = model.gradient(x) + dual
+        exp_avg = betas[0] * exp_avg + (1 - betas[0]) * grad
+        exp_avg_sq = betas[1] * exp_avg_sq + (1 - betas[1]) * grad * grad
+        m_hat = exp_avg / (1 - betas[0] ** step)
+        v_hat = exp_avg_sq / (1 - betas[1] ** step)
+        x = x - lr * m_hat / (v_hat.sqrt() + eps)
+        if step % window == 0:
+            dual = dual + rho * (x - anchor)
+            x = x + dual / rho
+            anchor = x.clone()
+        torch.testing.assert_close(model.x.detach(), x, rtol=1e-10, atol=1e-10, msg=f"step {step}")
+    assert dual.abs().max() > 0.1, "the dual variable must matter in this test"
+
+
+def test_hybrid_update_sees_dual_augmented_gradient() -> None:
+    """DHO2+ADMM equals DHO2 without ADMM fed ``g + y`` and given the window-end step by hand."""
+    config = dict(lr=0.02, rank=3, lanczos_order=12, refresh_interval=4, warmup_steps=2, alpha=0.5)
+    rho, window = 0.3, 4
+    coupled_model, reference_model = Quadratic(), Quadratic()
+    coupled = DHO2(coupled_model.parameters(), **config,
+                   admm={"enabled": True, "rho": rho, "window": window, "max_extrapolation_ratio": 1e9}).attach(coupled_model)
+    reference = DHO2(reference_model.parameters(), **config).attach(reference_model)
+    dual = torch.zeros(12, dtype=torch.float64)
+    anchor = reference_model.x.detach().clone()
+    for step in range(1, 13):
+        for model, optimizer in ((coupled_model, coupled), (reference_model, reference)):
+            optimizer.zero_grad()
+            model().backward()
+        reference_model.x.grad += dual
+        coupled.step()
+        reference.step()
+        if step % window == 0:
+            with torch.no_grad():
+                dual += rho * (reference_model.x - anchor)
+                reference_model.x += dual / rho
+                anchor = reference_model.x.detach().clone()
+        torch.testing.assert_close(coupled_model.x, reference_model.x, rtol=1e-9, atol=1e-9, msg=f"step {step}")
+    assert coupled.eigenvalues is not None
+
+
+def test_safeguard_caps_extrapolation_with_global_norm() -> None:
+    x = torch.ones(10, dtype=torch.float64)
+    anchor = torch.zeros(10, dtype=torch.float64)
+    dual = torch.zeros(10, dtype=torch.float64)
+    result = admm_window_end(x, dual, anchor, rho=1e-3, max_extrapolation_ratio=0.05, comm=LocalCommunicator())
+    # Uncapped: y/rho = x - z = 1 everywhere, ||y/rho|| = ||x||; the cap allows 0.05 ||x||.
+    assert result.scale == pytest.approx(0.05)
+    assert result.extrapolation_norm == pytest.approx(0.05 * math.sqrt(10))
+    torch.testing.assert_close(x, torch.full((10,), 1.05, dtype=torch.float64))
+    torch.testing.assert_close(anchor, x)
+    torch.testing.assert_close(dual / 1e-3, torch.full((10,), 0.05, dtype=torch.float64))
+
+
+def test_non_finite_extrapolation_is_skipped() -> None:
+    x = torch.ones(4, dtype=torch.float64)
+    dual = torch.tensor([float("inf"), 0.0, 0.0, 0.0], dtype=torch.float64)
+    anchor = torch.zeros(4, dtype=torch.float64)
+    result = admm_window_end(x, dual, anchor, rho=1.0, max_extrapolation_ratio=0.1, comm=LocalCommunicator())
+    assert result.skipped
+    assert torch.isfinite(x).all() and torch.equal(x, torch.ones(4, dtype=torch.float64))
+    assert torch.equal(dual, torch.zeros(4, dtype=torch.float64))
+
+
+def _train(ratio: float, steps: int = 200) -> tuple[list[float], DHO2]:
+    model = Quadratic(size=20)
+    opt = DHO2(model.parameters(), lr=0.05, rank=4, refresh_interval=10, warmup_steps=5,
+               admm={"enabled": True, "window": 5, "max_extrapolation_ratio": ratio}).attach(model)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, opt
+
+
+def test_safeguard_triggers_on_constructed_overshoot_and_keeps_loss_finite() -> None:
+    """With the published rho the accumulated dual extrapolates by every past window's displacement; on
+    this quadratic that overshoots and the loss climbs. The cap keeps it near the optimum."""
+    unguarded, _ = _train(ratio=1e9)
+    guarded, opt = _train(ratio=0.05)
+    assert unguarded[-1] > unguarded[50] + 100, "the constructed problem must overshoot without the safeguard"
+    assert all(math.isfinite(v) for v in guarded)
+    assert guarded[-1] < unguarded[-1] - 1000
+    assert opt.curvature_stats()["admm_safeguard_scale"] < 1.0
+
+
+def test_admm_state_round_trips_through_state_dict() -> None:
+    model = Quadratic()
+    opt = DHO2(model.parameters(), lr=0.05, curvature={"enabled": False}, admm={"enabled": True, "window": 3})
+    for _ in range(4):
+        opt.zero_grad()
+        model().backward()
+        opt.step()
+    clone_model = Quadratic()
+    clone_model.load_state_dict(model.state_dict())
+    clone = DHO2(clone_model.parameters(), lr=0.05, curvature={"enabled": False}, admm={"enabled": True, "window": 3})
+    clone.load_state_dict(copy.deepcopy(opt.state_dict()))  # as torch.save + torch.load would
+    for _ in range(5):
+        for m, o in ((model, opt), (clone_model, clone)):
+            o.zero_grad()
+            m().backward()
+            o.step()
+    assert torch.equal(model.x, clone_model.x)
+
+
+# ---------------------------------------------------------------- sharded state equals unsharded (W=2)
+ADMM_PARAMS = {"lr": 0.01, "rank": 3, "lanczos_order": 12, "refresh_interval": 3, "warmup_steps": 2,
+               "admm": {"enabled": True, "rho": 0.2, "window": 2, "max_extrapolation_ratio": 0.05}}
+
+
+class _Classifier(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(self.net(x), y)
+
+
+def _batches(steps: int, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(size, 10, generator=generator), torch.randint(0, 3, (size,), generator=generator))
+            for _ in range(steps)]
+
+
+def _zero2_admm_worker(rank: int, world_size: int, steps: int, batch: int) -> dict:
+    import deepspeed
+
+    import ds_dho2  # noqa: F401 - registers DHO2
+
+    model = _Classifier()
+    config = {"train_micro_batch_size_per_gpu": batch // world_size, "optimizer": {"type": "DHO2", "params": ADMM_PARAMS},
+              "zero_optimization": {"stage": 2}, "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    per_rank = batch // world_size
+    for x, y in _batches(steps, batch):
+        loss = engine(x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank])
+        engine.backward(loss)
+        engine.step()
+    stats = engine.basic_optimizer.curvature_stats()
+    return {"params": [p.detach().clone() for p in model.parameters()], "scale": stats["admm_safeguard_scale"],
+            "dual_numel": engine.basic_optimizer.state[engine.basic_optimizer.param_groups[0]["params"][0]]["dho2"]["admm_dual"].numel()}
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_sharded_admm_equals_unsharded() -> None:
+    steps, batch = 9, 16
+    model = _Classifier()
+    opt = DHO2(model.parameters(), **ADMM_PARAMS).attach(model)
+    for x, y in _batches(steps, batch):
+        opt.zero_grad()
+        model(x, y).backward()
+        opt.step()
+    results = run_ranks(_zero2_admm_worker, 2, steps, batch)
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(r["dual_numel"] for r in results) in (total, total + 1, total + 2, total + 3)
+    assert all(r["dual_numel"] < total for r in results), "each rank keeps the dual only for its partition"
+    for result in results:
+        assert result["scale"] == pytest.approx(opt.curvature_stats()["admm_safeguard_scale"], rel=1e-5)
+        for sharded, single in zip(result["params"], model.parameters()):
+            torch.testing.assert_close(sharded, single.detach(), rtol=1e-5, atol=1e-6)
