@@ -130,17 +130,20 @@ class CurvatureConfig:
     """How curvature refreshes are scheduled.
 
     ``enabled=False`` turns DHO2 into its base optimizer (optionally with ADMM), the ablation baseline.
-    In ``interleaved`` mode ``iterations_per_step`` Lanczos iterations run per training step.
+    In ``interleaved`` mode ``iterations_per_step`` Lanczos iterations run per training step; ``None``
+    (the default) spreads the ``lanczos_order`` iterations evenly over the ``refresh_interval`` steps of a
+    window, so no step carries more than ``ceil(order / refresh_interval)`` of them.
     """
 
     enabled: bool = True
     mode: CurvatureMode = CurvatureMode.BLOCKING
-    iterations_per_step: int = 2
+    iterations_per_step: int | None = None
 
     def __post_init__(self) -> None:
         _check_bool("curvature.enabled", self.enabled)
         object.__setattr__(self, "mode", _to_enum("curvature.mode", self.mode, CurvatureMode))
-        _check_int("curvature.iterations_per_step", self.iterations_per_step, low=1)
+        if self.iterations_per_step is not None:
+            _check_int("curvature.iterations_per_step", self.iterations_per_step, low=1)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

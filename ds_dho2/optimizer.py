@@ -148,7 +148,7 @@ class DHO2(torch.optim.Optimizer):
 
     def _check_schedule(self) -> None:
         cfg = self.config
-        if cfg.curvature.mode is CurvatureMode.INTERLEAVED:
+        if cfg.curvature.mode is CurvatureMode.INTERLEAVED and cfg.curvature.iterations_per_step is not None:
             steps_needed = math.ceil(cfg.lanczos_order / cfg.curvature.iterations_per_step)
             if steps_needed > cfg.refresh_interval:
                 raise ValueError(
@@ -289,7 +289,8 @@ class DHO2(torch.optim.Optimizer):
                 if cfg.curvature.mode is CurvatureMode.BLOCKING:
                     run.run(operator, self._comm)
                 else:
-                    for _ in range(cfg.curvature.iterations_per_step):
+                    offset = step - curvature[K.LANCZOS_STARTED_AT]
+                    for _ in range(self._iterations_at(offset, run.state["order"])):
                         run.iterate(operator, self._comm)
         except LossNotFoundError:
             raise
@@ -309,6 +310,16 @@ class DHO2(torch.optim.Optimizer):
         self._install(run, curvature, x.dtype)
         self.stats.update(lanczos_iterations=run.iterations, lanczos_stop=run.stop_reason,
                           refresh_step=step, refresh_count=curvature[K.REFRESH_COUNT])
+
+    def _iterations_at(self, offset: int, order: int) -> int:
+        """Lanczos iterations to run at the ``offset``-th step (0-based) of an interleaved refresh."""
+        fixed = self.config.curvature.iterations_per_step
+        if fixed is not None:
+            return fixed
+        interval = self.config.refresh_interval
+        if offset >= interval - 1:
+            return order  # the last step of the window completes the run (iterate stops at the order)
+        return (offset + 1) * order // interval - offset * order // interval
 
     def _closure(self) -> torch.Tensor:
         assert self._capture is not None

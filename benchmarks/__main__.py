@@ -1,0 +1,26 @@
+"""Entry point: ``python -m benchmarks <suite> [suite options]`` (also ``ds-dho2 bench <suite> ...``)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUITES = {
+    "overlap": "benchmarks.overlap",
+    "scaling": "benchmarks.memory_scaling",
+    "convergence": "benchmarks.convergence",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUITES:
+        print(f"usage: python -m benchmarks {{{','.join(SUITES)}}} [--quick] [suite options]")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(SUITES[argv[0]])
+    module.main(argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
