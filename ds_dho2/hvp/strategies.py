@@ -104,7 +104,13 @@ def hvp_finite_difference(model: torch.nn.Module, params: Sequence[torch.Tensor]
         v_norm = torch.sqrt(sum((v.double() ** 2).sum() for v in vectors))
     if v_norm == 0:
         return [torch.zeros_like(p) for p in params]
-    machine_eps = torch.finfo(params[0].dtype).eps
+    # The step balances truncation error against rounding error; the rounding comes from the gradient,
+    # which is only as precise as the coarser of the loss and the parameters.
+    with torch.no_grad():
+        loss_dtype = closure().dtype
+    machine_eps = max(torch.finfo(p.dtype).eps for p in params)
+    if loss_dtype.is_floating_point:
+        machine_eps = max(machine_eps, torch.finfo(loss_dtype).eps)
     step = float(machine_eps ** 0.5 * (1.0 + x_norm) / v_norm)
     try:
         with torch.no_grad():

@@ -207,10 +207,6 @@ def test_gpt2_with_sdpa_attention_supports_hvp(gpt2, strategy):
     assert gpt2.model.training
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: finite-difference HVP picks its step from the parameters' dtype "
-                   "(float64) although the loss is float32 (transformers upcasts logits with .float()); the "
-                   "float32 rounding of the gradients divided by a ~1e-9 step gives ~5% errors. Remove this "
-                   "marker once the step uses the loss's (lowest) precision.")
 def test_finite_difference_hvp_accurate_when_loss_is_lower_precision_than_params(gpt2):
     torch.manual_seed(5)
     vectors = [torch.randn_like(p) for p in gpt2.params]

@@ -1,0 +1,211 @@
+"""Safeguards (DESIGN.md section 1): Lanczos breakdown and non-finite products, non-finite curvature at a
+refresh, negative curvature, non-finite gradients and refreshes with no usable eigenpair."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from ds_dho2 import DHO2
+from ds_dho2.core.lanczos import LanczosRun
+from ds_dho2.dist import LocalCommunicator
+
+from hybrid_update_test import Quadratic, _reference_steps  # noqa: I001 - sibling test module (rootdir on path)
+
+
+def _diagonal_operator(diagonal: torch.Tensor):
+    return lambda v: diagonal * v
+
+
+def test_lanczos_breakdown_on_low_rank_operator_recovers_nonzero_eigenvalues():
+    comm = LocalCommunicator()
+    diagonal = torch.zeros(30, dtype=torch.float64)
+    diagonal[[2, 11, 25]] = torch.tensor([7.0, 3.0, -2.0], dtype=torch.float64)
+    start = torch.randn(30, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    calls = []
+
+    def matvec(v):
+        calls.append(1)
+        return diagonal * v
+
+    run = LanczosRun.start(start, 10, comm).run(matvec, comm)
+    assert run.finished and "breakdown" in run.stop_reason
+    assert run.iterations <= 3 + 1
+    assert len(calls) == run.iterations
+    pairs = run.ritz_pairs()
+    assert torch.isfinite(pairs.values).all() and torch.isfinite(pairs.local_vectors).all()
+    nonzero = pairs.values[pairs.values.abs() > 1e-8]
+    torch.testing.assert_close(nonzero, torch.tensor([-2.0, 3.0, 7.0], dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    top = pairs.local_vectors[pairs.values.argmax()]
+    assert abs(top[2].item()) == pytest.approx(1.0, abs=1e-10)
+
+
+def test_lanczos_stops_on_non_finite_product_and_keeps_completed_iterations(caplog):
+    comm = LocalCommunicator()
+    diagonal = torch.linspace(1.0, 10.0, 30, dtype=torch.float64)
+    calls = []
+
+    def matvec(v):
+        calls.append(1)
+        out = diagonal * v
+        if len(calls) == 4:  # the product of iteration 3 (0-based) is NaN
+            out[5] = float("nan")
+        return out
+
+    start = torch.randn(30, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with caplog.at_level(logging.WARNING, logger="ds_dho2.core.lanczos"):
+        run = LanczosRun.start(start, 10, comm).run(matvec, comm)
+    assert run.finished and "non-finite" in run.stop_reason
+    assert run.iterations == 3 and len(calls) == 4
+    assert any("non-finite" in r.getMessage() for r in caplog.records)
+    pairs = run.ritz_pairs()
+    assert pairs.values.shape == (3,) and pairs.local_vectors.shape == (3, 30)
+    assert torch.isfinite(pairs.values).all() and torch.isfinite(pairs.local_vectors).all()
+    # The 3 Ritz values are those of an uninterrupted run's first 3 iterations.
+    clean = LanczosRun.start(start, 3, comm).run(_diagonal_operator(diagonal), comm).ritz_pairs()
+    torch.testing.assert_close(pairs.values, clean.values, rtol=0, atol=1e-12)
+    assert float(pairs.values.max()) <= 10.0 + 1e-12 and float(pairs.values.min()) >= 1.0 - 1e-12
+
+
+class _Regression(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+        generator = torch.Generator().manual_seed(1)
+        self.register_buffer("inputs", torch.randn(32, 5, generator=generator, dtype=torch.float64))
+        self.register_buffer("targets", torch.randn(32, 1, generator=generator, dtype=torch.float64))
+
+    def forward(self) -> torch.Tensor:
+        return self.net(self.inputs)
+
+
+def test_non_finite_hvp_at_refresh_keeps_previous_curvature_and_params_finite(caplog):
+    """The loss is NaN in eval mode (HVPs run in eval mode) from step 6 on: the second refresh fails."""
+    model = _Regression()
+    poisoned = {"on": False}
+
+    def loss_fn(output, args, kwargs):
+        loss = torch.nn.functional.mse_loss(output, model.targets)
+        if poisoned["on"] and not model.training:
+            return loss * float("nan")
+        return loss
+
+    opt = DHO2(model.parameters(), lr=1e-2, rank=3, lanczos_order=12, warmup_steps=2, refresh_interval=5,
+               alpha=0.5)
+    opt.attach(model, loss_fn=loss_fn)
+    history = []
+    with caplog.at_level(logging.WARNING):
+        for step in range(1, 13):
+            poisoned["on"] = step >= 6
+            opt.zero_grad()
+            loss_fn(model(), (), {}).backward()
+            opt.step()
+            for p in model.parameters():
+                assert torch.isfinite(p).all(), step
+            history.append(None if opt.eigenvalues is None else opt.eigenvalues.clone())
+    first = history[1]  # installed at step 2
+    assert first is not None and first.numel() == 3 and torch.isfinite(first).all()
+    assert history[0] is None
+    for later in history[2:]:  # the refreshes at steps 7 and 12 found only NaN products
+        assert torch.equal(later, first)
+    assert opt.curvature_stats()["refresh_count"] == 3
+    assert any("no usable eigenpair" in r.getMessage() for r in caplog.records)
+    stats = opt.curvature_stats()
+    assert stats["lanczos_iterations"] == 0 and "non-finite" in stats["lanczos_stop"]
+
+
+def test_negative_curvature_uses_magnitudes_and_descends():
+    lam = -torch.tensor([40.0, 15.0, 6.0] + torch.linspace(1.0, 0.1, 17).tolist(), dtype=torch.float64)
+    model = Quadratic(lam, seed=2)
+    opt = DHO2(model.parameters(), lr=1e-4, rank=3, lanczos_order=20, warmup_steps=1, refresh_interval=100,
+               alpha=1.0, newton_momentum=0.5)
+    opt.attach(model)
+    expected = _reference_steps(model, steps=3, rank=3, base="adamw", lr_at=lambda t: 1e-4, reference_lr=1e-4,
+                                alpha=1.0, newton_momentum=0.5)
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = model()
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+    losses.append(model().item())
+    torch.testing.assert_close(opt.eigenvalues, lam[:3], rtol=1e-10, atol=1e-10)
+    assert torch.isfinite(model.x).all()
+    torch.testing.assert_close(model.x.detach(), expected, rtol=0, atol=1e-8)
+    drops = [a - b for a, b in zip(losses, losses[1:])]
+    assert all(d > 1e-3 for d in drops), losses
+
+
+def test_non_finite_gradient_skips_step_and_leaves_state_alone(caplog):
+    torch.manual_seed(0)
+    model, reference = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    reference.load_state_dict(model.state_dict())
+    opt = DHO2(model.parameters(), lr=1e-2, weight_decay=0.1, warmup_steps=100)
+    adamw = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
+    x = torch.randn(8, 4)
+    for step in range(6):
+        for m, o in ((model, opt), (reference, adamw)):
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+        if step == 2:
+            model.weight.grad[1, 2] = float("inf")
+            before = [p.detach().clone() for p in model.parameters()]
+            with caplog.at_level(logging.WARNING):
+                opt.step()
+            for p, b in zip(model.parameters(), before):
+                assert torch.equal(p, b)
+            assert any("skipped a step" in r.getMessage() for r in caplog.records)
+            continue  # the reference never sees this step
+        opt.step()
+        adamw.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    assert opt.state[opt.param_groups[0]["params"][0]]["step"] == 5
+
+
+def test_nan_gradient_in_one_of_several_params_skips_step():
+    model = torch.nn.Linear(3, 2)
+    opt = DHO2(model.parameters(), lr=1e-1, warmup_steps=10)
+    model.weight.grad = torch.ones_like(model.weight)
+    model.bias.grad = torch.tensor([0.0, float("nan")])
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+
+
+class _Linear(torch.nn.Module):
+    """Loss linear in the parameters: the Hessian is exactly zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 12, dtype=torch.float64))
+        self.register_buffer("c", torch.linspace(0.5, 2.0, 12, dtype=torch.float64))
+
+    def forward(self) -> torch.Tensor:
+        return (self.c * self.w).sum()
+
+
+@pytest.mark.parametrize("hvp", ["forward", "reverse", "finite_difference"])
+def test_refresh_without_usable_eigenpair_keeps_old_curvature_and_warns(caplog, hvp):
+    model = _Linear()
+    opt = DHO2(model.parameters(), lr=1e-2, rank=2, lanczos_order=8, warmup_steps=1, refresh_interval=2, hvp=hvp)
+    opt.attach(model)
+    start = model.w.detach().clone()
+    with caplog.at_level(logging.WARNING, logger="ds_dho2.optimizer"):
+        for _ in range(4):  # refreshes at steps 1 and 3
+            opt.zero_grad()
+            model().backward()
+            opt.step()
+    assert opt.eigenvalues is None and opt.local_eigenvectors is None
+    warnings = [r for r in caplog.records if "no usable eigenpair" in r.getMessage()]
+    assert len(warnings) == 2 and all(r.levelno == logging.WARNING for r in warnings)
+    assert opt.curvature_stats()["refresh_count"] == 2
+    # Still plain AdamW: with a constant gradient every step moves each weight by lr against sign(c).
+    torch.testing.assert_close(model.w.detach(), start - 4 * 1e-2, rtol=0, atol=1e-9)
+    assert math.isfinite(model().item())
