@@ -63,7 +63,15 @@ def build_task(args: argparse.Namespace) -> common.Task:
     test = test.map(tokenize, batched=True, remove_columns=["sentence"]).rename_column("label", "labels")
 
     def model_init():
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+        # BertForSequenceClassification.forward takes **kwargs (so the Trainer assumes it "accepts loss
+        # kwargs") but its loss is a plain per-batch mean CrossEntropyLoss that ignores num_items_in_batch.
+        # Left at the default, transformers 5 then (a) multiplies that mean loss by the number of processes
+        # (average_tokens_across_devices) - train AND eval loss read W times too high and the gradients are
+        # W times too large - and (b) skips dividing it by gradient_accumulation_steps. Declaring that the
+        # model does not take loss kwargs restores the plain mean loss for any world size / accumulation.
+        model.accepts_loss_kwargs = False
+        return model
 
     return common.Task(name=f"SST-2 fine-tuning of all-MiniLM-L6-v2 ({len(train)} train sentences)",
                        model_init=model_init, train_dataset=train, eval_dataset=test,

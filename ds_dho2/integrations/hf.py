@@ -45,6 +45,7 @@ puts it first in the callback list (``Trainer(callbacks=[DHO2CurvatureCallback()
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any
@@ -52,6 +53,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from ds_dho2.hvp.capture import loss_from_output
 from ds_dho2.optimizer import DHO2
 
 logger = logging.getLogger(__name__)
@@ -113,13 +115,35 @@ def curvature_log_entries(optimizer: DHO2) -> dict[str, float]:
     return entries
 
 
+def trainer_loss_scale(args: Any) -> int:
+    """The factor the Trainer multiplies a model's loss by before differentiating it.
+
+    With ``average_tokens_across_devices`` (the transformers 5 default) and a model that receives
+    ``num_items_in_batch``, ``Trainer.compute_loss`` multiplies the loss (local token sum / global token
+    count) by the number of processes, so that DeepSpeed's gradient average is the global mean.
+    """
+    if not getattr(args, "average_tokens_across_devices", False):
+        return 1
+    return max(1, int(getattr(args, "world_size", 1)))
+
+
+def scaled_trainer_loss(output: Any, args: tuple, kwargs: dict, scale: int) -> Any:
+    """DHO2's refresh loss made identical to the loss the Trainer differentiated on that batch, so the
+    Hessian-vector products (and eigenvalues) have the scale of the gradient DHO2 receives."""
+    loss = loss_from_output(output)
+    if kwargs.get("num_items_in_batch") is not None:
+        loss = loss * scale
+    return loss
+
+
 class DHO2CurvatureCallback(TrainerCallback):
     """Adds DHO2's curvature statistics to the Trainer's logs; attaches the model when needed.
 
     ``log_on_refresh``: ask the Trainer to log at every step where a curvature refresh completed, so each
     refresh reaches the loggers even between ``logging_steps``. ``attach_model``: in ``on_train_begin``,
     call ``DHO2.attach(model)`` if DHO2 has no model yet (the non-DeepSpeed path; under DeepSpeed the
-    engine attaches it).
+    engine attaches it). In several processes the refresh loss is scaled like the Trainer's
+    (:func:`trainer_loss_scale`), otherwise eigenvalues would be ``world_size`` times too small.
     """
 
     def __init__(self, log_on_refresh: bool = True, attach_model: bool = True) -> None:
@@ -148,8 +172,12 @@ class DHO2CurvatureCallback(TrainerCallback):
             return
         self._last_refresh_count = int(optimizer.curvature_stats().get("refresh_count", 0))
         model = kwargs.get("model")
-        if self.attach_model and optimizer.model is None and model is not None:
-            optimizer.attach(model)
+        scale = trainer_loss_scale(args)
+        loss_fn = None if scale == 1 else functools.partial(scaled_trainer_loss, scale=scale)
+        if optimizer.model is not None and loss_fn is not None:
+            optimizer.attach(optimizer.model, loss_fn=loss_fn)
+        elif self.attach_model and optimizer.model is None and model is not None:
+            optimizer.attach(model, loss_fn=loss_fn)
             logger.info("DHO2CurvatureCallback attached DHO2 to %s.", type(model).__name__)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -198,4 +226,4 @@ def dho2_optimizer_cls_and_kwargs(**params: Any) -> tuple[type[DHO2], dict[str, 
 
 
 __all__ = ["DHO2CurvatureCallback", "add_curvature_callback", "curvature_log_entries",
-           "dho2_optimizer_cls_and_kwargs", "find_dho2"]
+           "dho2_optimizer_cls_and_kwargs", "find_dho2", "scaled_trainer_loss", "trainer_loss_scale"]
