@@ -164,6 +164,7 @@ class DHO2Config:
     warmup_steps: int | None = None
     lr_clip: float | None = None
     eig_floor: float = 1e-4
+    newton_max_ratio: float = 10.0
     hvp: HVPMethod = HVPMethod.AUTO
     lanczos_dtype: str = "float64"
     seed: int = 0
@@ -197,6 +198,7 @@ class DHO2Config:
             object.__setattr__(self, "lr_clip", 1.0 if self.base is BaseOptimizer.ADAMW else 3.0)
         _check_number("lr_clip", self.lr_clip, low=1.0)
         _check_number("eig_floor", self.eig_floor, low=0.0, high=1.0, high_inclusive=False)
+        _check_number("newton_max_ratio", self.newton_max_ratio, low=0.0, low_inclusive=False)
         object.__setattr__(self, "hvp", _to_enum("hvp", self.hvp, HVPMethod))
         if self.lanczos_dtype not in _DTYPES:
             _fail("lanczos_dtype", self.lanczos_dtype, "'float64' or 'float32'")

@@ -107,7 +107,8 @@ class DHO2(torch.optim.Optimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, *, base: str = "adamw", momentum: float = 0.9,
                  rank: int = 8, lanczos_order: int | None = None, alpha: float = 0.1,
                  newton_momentum: float = 0.9, refresh_interval: int = 100, warmup_steps: int | None = None,
-                 lr_clip: float | None = None, eig_floor: float = 1e-4, hvp: str = "auto",
+                 lr_clip: float | None = None, eig_floor: float = 1e-4, newton_max_ratio: float = 10.0,
+                 hvp: str = "auto",
                  lanczos_dtype: str = "float64", seed: int = 0, curvature: dict | None = None,
                  admm: dict | None = None, **unknown: Any) -> None:
         if unknown:
@@ -115,7 +116,8 @@ class DHO2(torch.optim.Optimizer):
         config_args = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, base=base, momentum=momentum,
                            rank=rank, lanczos_order=lanczos_order, alpha=alpha, newton_momentum=newton_momentum,
                            refresh_interval=refresh_interval, warmup_steps=warmup_steps, lr_clip=lr_clip,
-                           eig_floor=eig_floor, hvp=hvp, lanczos_dtype=lanczos_dtype, seed=seed)
+                           eig_floor=eig_floor, newton_max_ratio=newton_max_ratio, hvp=hvp,
+                           lanczos_dtype=lanczos_dtype, seed=seed)
         if curvature is not None:
             config_args["curvature"] = curvature
         if admm is not None:
@@ -270,8 +272,12 @@ class DHO2(torch.optim.Optimizer):
             return
         if self._capture is None or not self._capture.has_batch:
             if not self._warned_unattached:
-                logger.warning("DHO2 skipped a curvature refresh: call optimizer.attach(model) and run a training "
-                               "forward pass first. Until then DHO2 behaves as its base optimizer.")
+                hint = ("the attached model only ran in eval mode (from_pretrained returns an eval-mode model): "
+                        "call model.train() before training" if self._capture is not None
+                        and self._capture.skipped_eval_forward else
+                        "call optimizer.attach(model) and run a training forward pass first")
+                logger.warning("DHO2 skipped a curvature refresh: %s. Until then DHO2 behaves as its base "
+                               "optimizer.", hint)
                 self._warned_unattached = True
             return
         started = time.perf_counter()
@@ -395,16 +401,30 @@ class DHO2(torch.optim.Optimizer):
                                         betas=group["betas"], eps=group["eps"])
         else:
             direction = heavyball_direction(complement, state[K.MOMENTUM_BUFFER], lr=lr, momentum=group["momentum"])
+        newton_norm = torch.zeros((), dtype=torch.float64, device=x.device)
         if subspace is not None:
             hybrid.remove_subspace_component(direction, subspace, comm)
             direction.mul_(newton_scale(subspace.values, cfg.lr_clip))
             reference_lr = group["reference_lr"]
-            alpha = group["alpha"] * (lr / reference_lr if reference_lr > 0 else 1.0)
-            direction.sub_(newton, alpha=alpha)
-        if not self._all_finite(direction):
+            newton.mul_(group["alpha"] * (lr / reference_lr if reference_lr > 0 else 1.0))
+            newton_norm = (newton.double() ** 2).sum()
+        # One all-reduce: global squared norms of the base and Newton steps, and a non-finite flag.
+        norms = torch.stack([(direction.double() ** 2).sum(), newton_norm,
+                             (~torch.isfinite(direction)).any().double()
+                             + (0.0 if newton is None else (~torch.isfinite(newton)).any().double())])
+        comm.all_reduce(norms)
+        if norms[2] > 0 or not torch.isfinite(norms[:2]).all():
             logger.warning("DHO2 dropped a non-finite update (step %d) and its curvature; parameters unchanged.", step)
             curvature[K.EIGENVALUES] = curvature[K.EIGENVECTORS] = curvature[K.NEWTON_MOMENTUM] = None
             return
+        if newton is not None:
+            # Trust region: the Newton step may not exceed newton_max_ratio times the base step (global
+            # norms). It guards against tiny eigenvalues (a nearly flat loss) turning u/|lambda| into a jump.
+            limit = cfg.newton_max_ratio * float(norms[0].sqrt())
+            newton_length = float(norms[1].sqrt())
+            scale = limit / newton_length if newton_length > limit else 1.0
+            self.stats["newton_trust_scale"] = scale
+            direction.sub_(newton, alpha=scale)
         weight_decay = self._weight_decay(group, x, layout)
         if isinstance(weight_decay, torch.Tensor):
             x.mul_(1 - lr * weight_decay)

@@ -44,10 +44,14 @@ class BatchCapture:
         self.args: tuple | None = None
         self.kwargs: dict | None = None
         self._paused = False
+        self.skipped_eval_forward = False
         self._handle = model.register_forward_pre_hook(self._remember, with_kwargs=True)
 
     def _remember(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._paused or not module.training or not torch.is_grad_enabled():
+        if self._paused or not torch.is_grad_enabled():
+            return
+        if not module.training:
+            self.skipped_eval_forward = True
             return
         self.args, self.kwargs = args, kwargs
 

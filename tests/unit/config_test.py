@@ -35,6 +35,8 @@ INVALID = [
     ({"lr_clip": 0.5}, "lr_clip"),
     ({"eig_floor": 1.0}, "eig_floor"),
     ({"eig_floor": -1e-3}, "eig_floor"),
+    ({"newton_max_ratio": 0.0}, "newton_max_ratio"),
+    ({"newton_max_ratio": float("inf")}, "newton_max_ratio"),
     ({"hvp": "backward"}, "hvp"),
     ({"lanczos_dtype": "float16"}, "lanczos_dtype"),
     ({"seed": -1}, "seed"),

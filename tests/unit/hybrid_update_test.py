@@ -10,6 +10,8 @@ import torch
 
 from ds_dho2 import DHO2
 
+# newton_max_ratio so large that the trust region never triggers: checks the bare DESIGN.md formula.
+EXACT_FORMULA = 1e30
 P = 20
 EIGENVALUES = torch.tensor([50.0, 20.0, 8.0] + torch.linspace(2.0, 0.1, P - 3).tolist(), dtype=torch.float64)
 
@@ -80,10 +82,12 @@ def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, sched
     ("adamw", 0.1, True), ("heavyball", 0.0, True),
 ])
 def test_three_hybrid_steps_match_reference(base, weight_decay, scheduled):
+    """The DESIGN.md formula exactly; the Newton trust region (a safeguard outside it) is disabled."""
     model = Quadratic(EIGENVALUES)
     lr = 0.01
     opt = DHO2(model.parameters(), lr=lr, weight_decay=weight_decay, base=base, rank=3, lanczos_order=P,
-               warmup_steps=1, refresh_interval=100, alpha=0.7, newton_momentum=0.8, seed=3)
+               warmup_steps=1, refresh_interval=100, alpha=0.7, newton_momentum=0.8, seed=3,
+               newton_max_ratio=EXACT_FORMULA)
     opt.attach(model)
     factors = [1.0, 0.5, 0.25]
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: factors[e] if e < 3 else 0.1) if scheduled \

@@ -13,7 +13,7 @@ from ds_dho2 import DHO2
 from ds_dho2.core.lanczos import LanczosRun
 from ds_dho2.dist import LocalCommunicator
 
-from hybrid_update_test import Quadratic, _reference_steps  # noqa: I001 - sibling test module (rootdir on path)
+from hybrid_update_test import EXACT_FORMULA, Quadratic, _reference_steps  # noqa: I001 - sibling test module (rootdir on path)
 
 
 def _diagonal_operator(diagonal: torch.Tensor):
@@ -122,7 +122,7 @@ def test_negative_curvature_uses_magnitudes_and_descends():
     lam = -torch.tensor([40.0, 15.0, 6.0] + torch.linspace(1.0, 0.1, 17).tolist(), dtype=torch.float64)
     model = Quadratic(lam, seed=2)
     opt = DHO2(model.parameters(), lr=1e-4, rank=3, lanczos_order=20, warmup_steps=1, refresh_interval=100,
-               alpha=1.0, newton_momentum=0.5)
+               alpha=1.0, newton_momentum=0.5, newton_max_ratio=EXACT_FORMULA)
     opt.attach(model)
     expected = _reference_steps(model, steps=3, rank=3, base="adamw", lr_at=lambda t: 1e-4, reference_lr=1e-4,
                                 alpha=1.0, newton_momentum=0.5)
@@ -209,3 +209,47 @@ def test_refresh_without_usable_eigenpair_keeps_old_curvature_and_warns(caplog, 
     # Still plain AdamW: with a constant gradient every step moves each weight by lr against sign(c).
     torch.testing.assert_close(model.w.detach(), start - 4 * 1e-2, rtol=0, atol=1e-9)
     assert math.isfinite(model().item())
+
+
+def test_newton_step_is_capped_relative_to_base_step() -> None:
+    """A nearly flat direction (tiny eigenvalue) must not turn u/|lambda| into a jump."""
+
+    class NearlyFlat(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.x = torch.nn.Parameter(torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64))
+            self.register_buffer("curvature", torch.tensor([1e-6, 1e-6, 1e-6], dtype=torch.float64))
+
+        def forward(self) -> torch.Tensor:
+            # Quadratic with tiny curvature plus a linear term: the exact Newton step is huge (~1e6).
+            return 0.5 * (self.curvature * self.x**2).sum() + self.x.sum()
+
+    def run(ratio: float) -> tuple[torch.Tensor, DHO2]:
+        model = NearlyFlat()
+        opt = DHO2(model.parameters(), lr=1e-2, rank=2, lanczos_order=3, refresh_interval=100, warmup_steps=1,
+                   alpha=1.0, newton_momentum=0.0, eig_floor=0.0, newton_max_ratio=ratio).attach(model)
+        opt.zero_grad()
+        model().backward()
+        opt.step()
+        return model.x.detach().clone(), opt
+
+    capped, opt = run(10.0)
+    uncapped, _ = run(1e12)
+    assert opt.eigenvalues is not None and opt.eigenvalues.abs().max() < 1e-5
+    assert opt.curvature_stats()["newton_trust_scale"] < 1e-3
+    assert (capped - 1.0).abs().max() < 1.0, "capped step stays within 10x the AdamW step"
+    assert (uncapped - 1.0).abs().max() > 1e4, "without the cap the Newton step jumps"
+    assert torch.isfinite(capped).all()
+
+
+def test_refresh_warning_names_eval_mode(caplog) -> None:
+    model = torch.nn.Linear(3, 1)
+    model.eval()  # as returned by from_pretrained
+    opt = DHO2(model.parameters(), rank=1, refresh_interval=1, warmup_steps=1).attach(
+        model, loss_fn=lambda output, args, kwargs: output.pow(2).mean())
+    with caplog.at_level("WARNING", logger="ds_dho2.optimizer"):
+        opt.zero_grad()
+        model(torch.ones(2, 3)).pow(2).mean().backward()
+        opt.step()
+    assert opt.eigenvalues is None
+    assert "call model.train()" in caplog.text
