@@ -582,7 +582,8 @@ def test_two_simulated_nodes_torchrun() -> None:
 
 
 @pytest.mark.timeout(300)
-def test_ds_dho2_run_unmodified_deepspeed_script(tmp_path: Path) -> None:
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_ds_dho2_run_unmodified_deepspeed_script(tmp_path: Path, launcher: str) -> None:
     from ds_dho2.integrations.deepspeed import load_config
 
     config = load_config(ROOT / "ds_configs" / "dho2_zero2.json", train_micro_batch_size_per_gpu=4, lr=1e-2,
@@ -590,9 +591,13 @@ def test_ds_dho2_run_unmodified_deepspeed_script(tmp_path: Path) -> None:
     path = tmp_path / "ds_config.json"
     path.write_text(json.dumps(config))
     exe = shutil.which("ds-dho2", path=os.path.dirname(sys.executable))
-    target = ["--no-python", exe, "run"] if exe else ["-m", "ds_dho2.cli", "run"]
-    proc = subprocess.run([*_torchrun(), "--nproc_per_node", "2", "--master_port", str(free_port()), *target,
-                           str(SCRIPTS / "plain_deepspeed_train.py"), str(path)],
+    assert exe, "the ds-dho2 console script must be installed next to the interpreter"
+    if launcher == "torchrun":
+        command = [*_torchrun(), "--nproc_per_node", "2", "--master_port", str(free_port()), "--no-python", exe]
+    else:  # the deepspeed launcher adds --local_rank=N after the program; ds-dho2 hands it to the script
+        deepspeed_launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable))
+        command = [deepspeed_launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--no_python", exe]
+    proc = subprocess.run([*command, "run", str(SCRIPTS / "plain_deepspeed_train.py"), str(path)],
                           cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]

@@ -1,10 +1,11 @@
 """An ordinary DeepSpeed training script that knows nothing of ds_dho2.
 
-Usage: ``python plain_deepspeed_train.py CONFIG.json`` under a launcher. It builds a small MLP, calls
+Usage: ``python plain_deepspeed_train.py CONFIG.json [--local_rank N]`` under a launcher (the ``deepspeed``
+launcher passes ``--local_rank``, as DeepSpeed scripts expect). It builds a small MLP, calls
 ``deepspeed.initialize(model=..., model_parameters=..., config=CONFIG.json)`` and trains a few steps.
 """
 
-import sys
+import argparse
 
 import deepspeed
 import torch
@@ -22,7 +23,10 @@ class Regressor(torch.nn.Module):
 
 
 def main() -> None:
-    config_path = sys.argv[1]
+    parser = argparse.ArgumentParser()
+    parser.add_argument("config")
+    parser.add_argument("--local_rank", type=int, default=-1)
+    config_path = parser.parse_args().config
     torch.manual_seed(0)
     model = Regressor()
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
