@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from benchmarks.common import machine_info
+
 RESULTS = Path(__file__).resolve().parent / "results"
 RANK, ORDER, ITERS_PER_STEP, WARMUP, REFRESH_INTERVAL = 8, 32, 8, 2, 8
 DHO2_STEPS = WARMUP + REFRESH_INTERVAL  # 10: refresh 2 starts on the last step
@@ -274,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(per_world, count(args.quick))
     summary["quick"] = args.quick
     summary["raw"] = {str(w): [{k: v for k, v in r.items()} for r in ranks] for w, ranks in per_world.items()}
+    summary["command"] = " ".join(["python -m benchmarks scaling", *(argv if argv is not None else sys.argv[1:])])
+    summary["machine"] = machine_info()
     (out / "memory_scaling.json").write_text(json.dumps(summary, indent=2))
     plot(summary, out / "memory_scaling.png")
     mib = 2 ** 20
