@@ -488,7 +488,10 @@ def test_bf16_zero2_trains_and_refreshes(w2: dict) -> None:
 @pytest.mark.timeout(480)
 def test_fp16_overflow_step_is_skipped_by_dho2(w2: dict) -> None:
     parts = [r["fp16"] for r in w2["ranks"]]
-    if "error" in parts[0] and len(parts[0]) == 1 and not torch.cuda.is_available():
+    platform_errors = ("is not supported on your device", "not implemented for 'Half'")
+    if ("error" in parts[0] and len(parts[0]) == 1 and not torch.cuda.is_available()
+            and any(message in parts[0]["error"] for message in platform_errors)):
+        # Only a platform limit (no fp16 kernels on this CPU build) skips; any other error fails below.
         pytest.skip("fp16 cannot run on this CPU even with the accelerator capability override:\n"
                     + parts[0]["error"])
     for part in parts:
