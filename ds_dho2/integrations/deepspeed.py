@@ -43,13 +43,30 @@ class UnsupportedDeepSpeedSetup(RuntimeError):
 
 
 def register() -> None:
-    """Make ``"type": "DHO2"`` work in DeepSpeed configs (safe to call many times)."""
+    """Make ``"type": "DHO2"`` work in DeepSpeed configs (safe to call many times).
+
+    The name is matched in any case (``"DHO2"``, ``"dho2"``, ``"Dho2"``), as DeepSpeed does for its own
+    optimizers: ``deepspeed.runtime.config.get_optimizer_name``, which ``DeepSpeedConfig`` calls to read
+    ``optimizer.type``, is wrapped so that every casing reaches the engine as ``"DHO2"``. Without that,
+    ``"dho2"`` would end in DeepSpeed's ``dho2 is not a supported DeepSpeed Optimizer`` assertion.
+    """
+    import deepspeed.runtime.config as ds_config
     import deepspeed.runtime.zero.utils as zero_utils
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     torch.optim.DHO2 = DHO2  # type: ignore[attr-defined]
     if DHO2 not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
         zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(DHO2)
+    read_name = ds_config.get_optimizer_name
+    if not getattr(read_name, _WRAPPED_MARKER, False):
+
+        @functools.wraps(read_name)
+        def get_optimizer_name(param_dict: Any) -> Any:
+            name = read_name(param_dict)
+            return OPTIMIZER_NAME if isinstance(name, str) and name.upper() == OPTIMIZER_NAME else name
+
+        setattr(get_optimizer_name, _WRAPPED_MARKER, True)
+        ds_config.get_optimizer_name = get_optimizer_name
     original = DeepSpeedEngine._configure_optimizer
     if getattr(original, _WRAPPED_MARKER, False):
         return
