@@ -1,36 +1,141 @@
-"""The ``ds-dho2`` command.
+"""The ``ds-dho2`` command (also ``python -m ds_dho2``).
 
-``ds-dho2 run SCRIPT [ARGS...]`` (or ``ds-dho2 run -m MODULE [ARGS...]``) imports ds_dho2, which registers
-``"type": "DHO2"`` with DeepSpeed, and then runs an unmodified training script as ``__main__`` with its own
-arguments. It works as the program under ``torchrun``, the ``deepspeed`` launcher and ``accelerate launch``
-(``accelerate launch --no_python ds-dho2 run train.py ...``, ``deepspeed --no_python ds-dho2 run train.py ...``
-or ``python -m ds_dho2.cli run ...``).
-``ds-dho2 bench ...`` runs the benchmark suites (see ``benchmarks/``).
+``ds-dho2 run SCRIPT [ARGS...]`` (or ``ds-dho2 run -m MODULE [ARGS...]``) registers ``"type": "DHO2"`` with
+DeepSpeed and then runs an unmodified training script as ``__main__`` with its own arguments. It runs alone
+as one process, or as the program of a launcher: ``torchrun ... $(which ds-dho2) run train.py ...``,
+``deepspeed --no_python ds-dho2 run train.py ...``, ``accelerate launch --no_python ds-dho2 run train.py ...``.
+``ds-dho2 bench SUITE ...`` runs the benchmark suites of a source checkout (``python -m benchmarks``).
+
+Alone (no launcher variables such as ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` and no MPI launcher),
+``ds-dho2 run`` gives the script the environment of a one-process ``torchrun``: ``RANK=0``, ``LOCAL_RANK=0``,
+``WORLD_SIZE=1``, ``LOCAL_WORLD_SIZE=1``, ``MASTER_ADDR=127.0.0.1`` and a free ``MASTER_PORT`` (values
+already set are kept). Without it ``deepspeed.init_distributed`` would fall back to MPI discovery and stop
+asking for ``mpi4py``.
+
+Start-up problems (a missing script or module, bad arguments, a DHO2 config value or a DeepSpeed set-up
+DHO2 does not support) end with one line on stderr naming the problem and the fix, and a non-zero status.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import logging
+import os
 import runpy
+import socket
 import sys
+from pathlib import Path
+from typing import NoReturn
+
+import ds_dho2
+
+logger = logging.getLogger(__name__)
+
+PROG = "ds-dho2"
+#: Variables any launcher (torchrun, the deepspeed launcher, accelerate, run_ranks-style spawners) sets.
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+#: Variables of an MPI launcher (or of a platform DeepSpeed discovers itself): DeepSpeed's own discovery
+#: applies there, so ``ds-dho2 run`` leaves the environment alone.
+DISCOVERY_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE",
+                       "AZUREML_EXPERIMENT_ID", "SM_TRAINING_ENV")
+USAGE_ERROR = 2
+START_ERROR = 1
+
+
+class StartupError(Exception):
+    """A problem found before the training script runs; reported as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (problem and where to look) instead of usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message}. See '{self.prog} --help'.\n")
+
+
+# ----------------------------------------------------------------------------------------------- run
+def single_process_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables ``ds-dho2 run`` adds when no launcher has set any (empty under a launcher)."""
+    env = os.environ if environ is None else environ
+    if any(name in env for name in LAUNCHER_VARIABLES + DISCOVERY_VARIABLES):
+        return {}
+    if env.get("SLURM_NTASKS", "1").strip() not in ("", "1"):  # several tasks without ranks: not ours to decide
+        return {}
+    added = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+    if not env.get("MASTER_ADDR"):
+        added["MASTER_ADDR"] = "127.0.0.1"
+    if not env.get("MASTER_PORT"):
+        added["MASTER_PORT"] = str(_free_port())
+    return added
+
+
+def check_launch(environ: dict[str, str] | None = None) -> None:
+    """Refuse (:class:`StartupError`) or warn about ``accelerate launch`` set-ups that would not train with DHO2.
+
+    accelerate's simple launcher (used when it has no GPUs, no ``--use_deepspeed`` and no ``--multi_gpu``) sets
+    ``ACCELERATE_USE_CPU`` and starts one process. Asked for several (``--num_processes N`` or
+    ``--num_machines N``), it adds ``MASTER_ADDR`` but no ranks, expecting ``mpirun``: that is refused. With
+    ``--cpu``, accelerate (and so the Hugging Face Trainer) leaves DeepSpeed off, so a DeepSpeed config given to
+    them is ignored: that is warned about.
+    """
+    env = os.environ if environ is None else environ
+    if "ACCELERATE_USE_CPU" not in env or any(name in env for name in LAUNCHER_VARIABLES + DISCOVERY_VARIABLES):
+        return
+    fix = f"accelerate launch --use_deepspeed --num_processes N --no_python {PROG} run ..."
+    if env.get("MASTER_ADDR"):
+        raise StartupError("accelerate launch started a single process although it was asked for several: "
+                           "without GPUs it starts several only with --use_deepspeed (or --multi_gpu), and not "
+                           f"with --cpu. Use '{fix}'.")
+    if env["ACCELERATE_USE_CPU"].strip().lower() in ("1", "true", "yes", "y", "on"):
+        logger.warning("%s run: warning: accelerate launch --cpu turns DeepSpeed off in accelerate and the Hugging "
+                       "Face Trainer, so their DeepSpeed config (and DHO2) is ignored. Without --cpu, use '%s' "
+                       "(DS_ACCELERATOR=cpu selects the CPU).", PROG, fix)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check_target(target: str, as_module: bool) -> None:
+    """Raise :class:`StartupError` when ``target`` cannot be run (before anything else happens)."""
+    if as_module:
+        try:
+            found = importlib.util.find_spec(target) is not None
+        except (ImportError, ValueError):  # a parent package is missing, or an empty/relative name
+            found = False
+        if not found:
+            raise StartupError(f"no module named '{target}'. Check the name and that its package is installed, "
+                               "or give a script path without -m.")
+        return
+    path = Path(target)
+    if path.is_dir() and not (path / "__main__.py").is_file():
+        raise StartupError(f"{target} is a directory without __main__.py. Give the path of a Python script.")
+    if not path.exists():
+        raise StartupError(f"script not found: {target} (looked in {os.getcwd()}). Check the path, or use "
+                           f"'{PROG} run -m MODULE' for a module.")
 
 
 def run_script(target: str, args: list[str], as_module: bool = False) -> None:
-    """Register DHO2, then execute ``target`` exactly as ``python target args...`` would."""
-    import ds_dho2  # noqa: F401 - registers the optimizer with DeepSpeed
-
-    sys.argv = [target, *args]
+    """Register DHO2, then execute ``target`` as ``python target args...`` (``python -m target``) would."""
+    if as_module and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as python -m does
+    check_target(target, as_module)  # `import ds_dho2` above has registered DHO2 with DeepSpeed
+    check_launch()
+    added = single_process_environment()
+    if added:
+        os.environ.update(added)
+        logger.info("No launcher environment found: running as a single process (%s).",
+                    " ".join(f"{k}={v}" for k, v in added.items()))
     if as_module:
+        sys.argv = [target, *args]  # runpy replaces argv[0] with the module's file
         runpy.run_module(target, run_name="__main__", alter_sys=True)
     else:
-        sys.path.insert(0, _script_dir(target))
+        sys.argv = [target, *args]
+        sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
         runpy.run_path(target, run_name="__main__")
-
-
-def _script_dir(path: str) -> str:
-    import os
-
-    return os.path.dirname(os.path.abspath(path))
 
 
 def _split_launcher_flags(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -40,7 +145,7 @@ def _split_launcher_flags(argv: list[str]) -> tuple[list[str], list[str]]:
     the flag belongs to the script, exactly where ``python train.py --local_rank=N ...`` would have it.
     """
     forwarded = []
-    while argv and argv[0].startswith("--local_rank"):
+    while argv and argv[0].startswith(("--local_rank", "--local-rank")):
         flag = argv.pop(0)
         forwarded.append(flag)
         if "=" not in flag and argv:
@@ -48,23 +153,73 @@ def _split_launcher_flags(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, forwarded
 
 
+# --------------------------------------------------------------------------------------------- bench
+def run_bench(args: list[str]) -> int:
+    """``python -m benchmarks ARGS`` from the source checkout this package lives in."""
+    root = Path(ds_dho2.__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "__main__.py").is_file():
+        raise StartupError(f"the benchmark suites are not installed with the package (no benchmarks/ next to "
+                           f"{root / 'ds_dho2'}). Run '{PROG} bench' from an editable install of a source "
+                           "checkout (pip install -e .).")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    sys.argv = ["benchmarks", *args]
+    from benchmarks.__main__ import main as bench_main
+
+    return int(bench_main(args) or 0)
+
+
+# ---------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="DHO2 for DeepSpeed: run an unmodified training script with "
+                     "\"type\": \"DHO2\" registered, or run the benchmark suites.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {ds_dho2.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,bench}", parser_class=_Parser)
+    sub.required = True
+    run = sub.add_parser(
+        "run", help="run an unmodified training script with DHO2 registered in DeepSpeed",
+        description="Register \"type\": \"DHO2\" with DeepSpeed, then run SCRIPT (or -m MODULE) as __main__ "
+                    "with ARGS, as python would. Alone it runs as a single process; it also runs as the "
+                    "program of torchrun, the deepspeed launcher (--no_python) and accelerate launch "
+                    "(--no_python).",
+        usage=f"{PROG} run [-h] [-m] TARGET [ARGS ...]")
+    run.add_argument("-m", dest="module", action="store_true", help="TARGET is a module name, as in python -m")
+    run.add_argument("target", metavar="TARGET", nargs="?", help="script path (or module name with -m)")
+    run.add_argument("args", metavar="ARGS", nargs=argparse.REMAINDER,
+                     help="arguments passed to the script unchanged (including --help)")
+    sub.add_parser("bench", add_help=False, help="run a benchmark suite: ds-dho2 bench --help lists them")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, launcher_flags = _split_launcher_flags(argv)
-    parser = argparse.ArgumentParser(prog="ds-dho2", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run an unmodified training script with DHO2 registered in DeepSpeed")
-    run.add_argument("-m", dest="module", action="store_true", help="TARGET is a module name, as in python -m")
-    run.add_argument("target", help="script path (or module name with -m)")
-    run.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script unchanged")
-    bench = sub.add_parser("bench", help="run a benchmark suite (python -m benchmarks --help)")
-    bench.add_argument("args", nargs=argparse.REMAINDER)
-    options = parser.parse_args(argv)
-    if options.command == "run":
-        run_script(options.target, [*launcher_flags, *options.args], as_module=options.module)
-        return 0
-    sys.argv = ["benchmarks", *options.args]
-    runpy.run_module("benchmarks", run_name="__main__", alter_sys=True)
+    try:
+        if argv and argv[0] == "bench":  # everything after it, --help included, belongs to the benchmarks
+            return run_bench(argv[1:])
+        options = build_parser().parse_args(argv)
+        if options.command == "bench":
+            return run_bench([])
+        if options.target is None:
+            raise StartupError(f"no script given. Use '{PROG} run SCRIPT [ARGS...]' or "
+                               f"'{PROG} run -m MODULE [ARGS...]'.")
+        return _run(options.target, [*launcher_flags, *options.args], options.module)
+    except StartupError as error:
+        command = "bench" if argv and argv[0] == "bench" else "run"
+        print(f"{PROG} {command}: error: {error}", file=sys.stderr)
+        return START_ERROR
+
+
+def _run(target: str, args: list[str], as_module: bool) -> int:
+    from ds_dho2.config import ConfigError
+    from ds_dho2.integrations.deepspeed import UnsupportedDeepSpeedSetup
+
+    try:
+        run_script(target, args, as_module=as_module)
+    except (ConfigError, UnsupportedDeepSpeedSetup) as error:
+        message = " ".join(str(error).split())
+        print(f"{PROG} run: error: {type(error).__name__}: {message}", file=sys.stderr)
+        return START_ERROR
     return 0
 
 
