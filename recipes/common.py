@@ -133,6 +133,15 @@ def cpu_ddp_backend() -> str | None:
     return "gloo" if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
 
 
+def single_process_launch() -> None:
+    """Started alone (``python recipe.py``, no launcher), give DeepSpeed the environment of a one-process
+    torchrun (RANK=0, WORLD_SIZE=1, a free MASTER_PORT...); otherwise it falls back to MPI discovery and asks
+    for mpi4py. Under a launcher nothing changes."""
+    from ds_dho2.cli import single_process_environment
+
+    os.environ.update(single_process_environment())
+
+
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -233,6 +242,8 @@ def run_recipe(task: Task, args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
 
     names = OPTIMIZERS if args.optimizer == "both" else (args.optimizer,)
+    if not args.no_deepspeed:
+        single_process_launch()
     results = [run_one(name, task, args) for name in names]
     if is_main_process():
         out = Path(args.output_dir)
