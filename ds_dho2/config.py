@@ -22,12 +22,18 @@ class BaseOptimizer(str, enum.Enum):
 
 
 class HVPMethod(str, enum.Enum):
-    """How Hessian-vector products are computed (see ``ds_dho2.hvp``)."""
+    """How Hessian-vector products are computed (see ``ds_dho2.hvp``).
+
+    ``GRAPH`` takes the products on the gradient graph of the loss handed to ``engine.backward`` (no
+    second forward, no loss function needed); the others replay the captured micro-batch. ``AUTO`` times
+    the available ones on the first refresh and keeps the cheapest that agrees with an exact product.
+    """
 
     AUTO = "auto"
     FORWARD = "forward"
     REVERSE = "reverse"
     FINITE_DIFFERENCE = "finite_difference"
+    GRAPH = "graph"
 
 
 class CurvatureMode(str, enum.Enum):
@@ -127,23 +133,43 @@ class ADMMConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CurvatureConfig:
-    """How curvature refreshes are scheduled.
+    """How the curvature tracker refreshes the eigenbasis (``ds_dho2.curvature``).
 
     ``enabled=False`` turns DHO2 into its base optimizer (optionally with ADMM), the ablation baseline.
     In ``interleaved`` mode ``iterations_per_step`` Lanczos iterations run per training step; ``None``
     (the default) spreads the ``lanczos_order`` iterations evenly over the ``refresh_interval`` steps of a
     window, so no step carries more than ``ceil(order / refresh_interval)`` of them.
+
+    ``batch_fraction``: the share of each rank's micro-batch the replayed products see: every
+    ``round(1 / batch_fraction)``-th sample, so the subset does not depend on the world size (the
+    products on the training step's own graph always see the whole micro-batch). ``warm_start``: a refresh starts
+    Lanczos from the previous eigenvectors plus ``warm_start_noise`` (relative norm) of a random vector;
+    ``tolerance``: a refresh stops once every kept Ritz pair has residual ``<= tolerance * |lambda|``.
+    ``max_interval``: the refresh interval grows (doubling, up to this) while the subspace barely rotates
+    between refreshes and shrinks back towards ``refresh_interval`` when it rotates; ``None`` means
+    ``4 * refresh_interval``, and ``max_interval == refresh_interval`` turns adaptation off.
     """
 
     enabled: bool = True
     mode: CurvatureMode = CurvatureMode.BLOCKING
     iterations_per_step: int | None = None
+    batch_fraction: float = 0.25
+    warm_start: bool = True
+    warm_start_noise: float = 0.1
+    tolerance: float = 0.05
+    max_interval: int | None = None
 
     def __post_init__(self) -> None:
         _check_bool("curvature.enabled", self.enabled)
         object.__setattr__(self, "mode", _to_enum("curvature.mode", self.mode, CurvatureMode))
         if self.iterations_per_step is not None:
             _check_int("curvature.iterations_per_step", self.iterations_per_step, low=1)
+        _check_number("curvature.batch_fraction", self.batch_fraction, low=0.0, high=1.0, low_inclusive=False)
+        _check_bool("curvature.warm_start", self.warm_start)
+        _check_number("curvature.warm_start_noise", self.warm_start_noise, low=0.0)
+        _check_number("curvature.tolerance", self.tolerance, low=0.0, low_inclusive=False)
+        if self.max_interval is not None:
+            _check_int("curvature.max_interval", self.max_interval, low=1)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -166,7 +192,8 @@ class DHO2Config:
     eig_floor: float = 1e-4
     newton_max_ratio: float = 10.0
     hvp: HVPMethod = HVPMethod.AUTO
-    lanczos_dtype: str = "float64"
+    lanczos_dtype: str = "float32"
+    max_nonfinite_steps: int = 10
     seed: int = 0
     curvature: CurvatureConfig = dataclasses.field(default_factory=CurvatureConfig)
     admm: ADMMConfig = dataclasses.field(default_factory=ADMMConfig)
@@ -184,7 +211,7 @@ class DHO2Config:
         _check_number("momentum", self.momentum, low=0.0, high=1.0, high_inclusive=False)
         _check_int("rank", self.rank, low=1)
         if self.lanczos_order is None:
-            object.__setattr__(self, "lanczos_order", 4 * self.rank)
+            object.__setattr__(self, "lanczos_order", 2 * self.rank)
         _check_int("lanczos_order", self.lanczos_order, low=1)
         if self.lanczos_order < self.rank:
             _fail("lanczos_order", self.lanczos_order, f"an integer >= rank ({self.rank})")
@@ -202,15 +229,26 @@ class DHO2Config:
         object.__setattr__(self, "hvp", _to_enum("hvp", self.hvp, HVPMethod))
         if self.lanczos_dtype not in _DTYPES:
             _fail("lanczos_dtype", self.lanczos_dtype, "'float64' or 'float32'")
+        _check_int("max_nonfinite_steps", self.max_nonfinite_steps, low=1)
         _check_int("seed", self.seed, low=0)
         if isinstance(self.curvature, Mapping):
             object.__setattr__(self, "curvature", _section(CurvatureConfig, "curvature", self.curvature))
         if isinstance(self.admm, Mapping):
             object.__setattr__(self, "admm", _section(ADMMConfig, "admm", self.admm))
         if not isinstance(self.curvature, CurvatureConfig):
-            _fail("curvature", self.curvature, "a mapping with keys enabled, mode, iterations_per_step")
+            _fail("curvature", self.curvature, "a mapping with keys "
+                  + ", ".join(f.name for f in dataclasses.fields(CurvatureConfig)))
         if not isinstance(self.admm, ADMMConfig):
-            _fail("admm", self.admm, "a mapping with keys enabled, rho, window, max_extrapolation_ratio, dual_decay")
+            _fail("admm", self.admm, "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(ADMMConfig)))
+        if self.curvature.max_interval is not None and self.curvature.max_interval < self.refresh_interval:
+            _fail("curvature.max_interval", self.curvature.max_interval,
+                  f"an integer >= refresh_interval ({self.refresh_interval})")
+
+    @property
+    def max_refresh_interval(self) -> int:
+        """The longest interval the adaptive schedule may reach (``curvature.max_interval``)."""
+        configured = self.curvature.max_interval
+        return configured if configured is not None else 4 * self.refresh_interval
 
     @property
     def admm_window(self) -> int:

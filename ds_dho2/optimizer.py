@@ -2,38 +2,41 @@
 
 One curvature subspace spans all parameters, so DHO2 keeps a single internal parameter group: groups
 passed in may differ only in ``weight_decay`` (as the Hugging Face Trainer's decay / no-decay groups do);
-DHO2 merges them and applies weight decay per element. The update math lives in ``ds_dho2.core``; this
-module only moves tensors between the parameters and one flat vector, schedules curvature refreshes and
-keeps the state. Under DeepSpeed ZeRO the flat vector is the rank's partition, bound with
+DHO2 merges them and applies weight decay per element. This module keeps the per-step update math's
+glue -- moving tensors between the parameters and one flat vector, the state, the safeguards -- and asks
+its :class:`~ds_dho2.curvature.CurvatureTracker` for the current basis; the math itself lives in
+``ds_dho2.core``. Under DeepSpeed ZeRO the flat vector is the rank's partition, bound with
 :meth:`DHO2.bind_partition` by ``ds_dho2.integrations.deepspeed``.
+
+A step never reads a value on the host (no ``.item()``): a non-finite gradient is skipped with masked
+arithmetic, and the statistics stay tensors until :meth:`DHO2.curvature_stats` reads them. Every
+``max_nonfinite_steps`` steps one flag is read, to stop a run whose gradients stay non-finite.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import math
-import time
 from typing import Any, Callable, Iterable
 
 import torch
 
 from ds_dho2 import state_keys as K
-from ds_dho2.config import BaseOptimizer, CurvatureMode, DHO2Config
+from ds_dho2.config import BaseOptimizer, DHO2Config, HVPMethod
 from ds_dho2.core import hybrid
 from ds_dho2.core.admm import admm_window_end
 from ds_dho2.core.first_order import adamw_direction, heavyball_direction
-from ds_dho2.core.lanczos import LanczosRun
-from ds_dho2.core.spectrum import newton_scale, select_top_magnitude
-from ds_dho2.curvature import hessian_operator, lanczos_start_vector
+from ds_dho2.curvature.tracker import CurvatureTracker
 from ds_dho2.dist.comm import Communicator, LocalCommunicator
 from ds_dho2.dist.layout import ShardLayout
 from ds_dho2.hvp.capture import BatchCapture, LossFn, LossNotFoundError
-from ds_dho2.hvp.strategies import HessianVectorProduct
+from ds_dho2.hvp.selection import ProductInputs
 
 logger = logging.getLogger(__name__)
 
-_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "alpha", "momentum", "newton_momentum")
+
+class NonFiniteGradientError(RuntimeError):
+    """Gradients stayed inf/NaN for ``max_nonfinite_steps`` consecutive steps; training cannot go on."""
 
 
 def _merge_param_groups(params: Iterable[Any], weight_decay: float) -> tuple[list[torch.Tensor], list[float], dict]:
@@ -67,40 +70,13 @@ def _merge_param_groups(params: Iterable[Any], weight_decay: float) -> tuple[lis
     return merged, decays, reference or {}
 
 
-class _FlatShard:
-    """A flat view of the parameters DHO2 updates: the ZeRO partition itself, or a concatenation."""
-
-    def __init__(self, params: list[torch.Tensor], partitioned: bool) -> None:
-        self.params, self.partitioned = params, partitioned
-        if partitioned:
-            self.x = params[0].data
-            self.grad = None if params[0].grad is None else params[0].grad.data
-        else:
-            self.x = torch.cat([p.detach().reshape(-1) for p in params])
-            grads = [p.grad for p in params]
-            if all(g is None for g in grads):
-                self.grad = None
-            else:
-                self.grad = torch.cat([
-                    (torch.zeros_like(p) if g is None else g.detach()).reshape(-1).to(self.x.dtype)
-                    for p, g in zip(params, grads)
-                ])
-
-    def write_back(self) -> None:
-        if self.partitioned:
-            return
-        offset = 0
-        for p in self.params:
-            p.data.copy_(self.x[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
-
-
 class DHO2(torch.optim.Optimizer):
     """Hybrid-order optimizer: a Newton step in the top-k Hessian subspace, AdamW / heavy-ball elsewhere.
 
     Arguments are those of :class:`ds_dho2.config.DHO2Config`. Call :meth:`attach` once with the model so
-    curvature refreshes can re-run it on the last training batch; until the first refresh the optimizer
-    is exactly its base optimizer.
+    curvature refreshes can re-run it on the last training batch (a DeepSpeed engine does this itself and
+    also hands DHO2 the loss of ``engine.backward``); until the first refresh the optimizer is exactly
+    its base optimizer.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -108,23 +84,27 @@ class DHO2(torch.optim.Optimizer):
                  rank: int = 8, lanczos_order: int | None = None, alpha: float = 0.1,
                  newton_momentum: float = 0.9, refresh_interval: int = 100, warmup_steps: int | None = None,
                  lr_clip: float | None = None, eig_floor: float = 1e-4, newton_max_ratio: float = 10.0,
-                 hvp: str = "auto",
-                 lanczos_dtype: str = "float64", seed: int = 0, curvature: dict | None = None,
-                 admm: dict | None = None, **unknown: Any) -> None:
+                 hvp: str = "auto", lanczos_dtype: str = "float32", max_nonfinite_steps: int = 10, seed: int = 0,
+                 curvature: dict | None = None, admm: dict | None = None, **unknown: Any) -> None:
         if unknown:
             DHO2Config.from_dict(unknown)  # raises ConfigError naming the unknown key(s)
         config_args = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, base=base, momentum=momentum,
                            rank=rank, lanczos_order=lanczos_order, alpha=alpha, newton_momentum=newton_momentum,
                            refresh_interval=refresh_interval, warmup_steps=warmup_steps, lr_clip=lr_clip,
                            eig_floor=eig_floor, newton_max_ratio=newton_max_ratio, hvp=hvp,
-                           lanczos_dtype=lanczos_dtype, seed=seed)
+                           lanczos_dtype=lanczos_dtype, max_nonfinite_steps=max_nonfinite_steps, seed=seed)
         if curvature is not None:
             config_args["curvature"] = curvature
         if admm is not None:
             config_args["admm"] = admm
-        self.config = DHO2Config(**config_args)
+        config = DHO2Config(**config_args)
+        merged, decays, _ = _merge_param_groups(params, config.weight_decay)
+        total = sum(p.numel() for p in merged)
+        if config.rank > total:
+            logger.warning("DHO2 rank=%d exceeds the %d trainable parameters; using rank=%d.", config.rank, total, total)
+            config = DHO2Config(**{**config_args, "rank": total, "lanczos_order": min(config.lanczos_order, total)})
+        self.config = config
         self._check_schedule()
-        merged, decays, _ = _merge_param_groups(params, self.config.weight_decay)
         defaults = dict(lr=lr, betas=self.config.betas, eps=eps, weight_decay=weight_decay, alpha=alpha,
                         momentum=momentum, newton_momentum=newton_momentum, reference_lr=lr)
         super().__init__([{"params": merged}], defaults)
@@ -132,15 +112,19 @@ class DHO2(torch.optim.Optimizer):
         self._uniform_weight_decay = len(set(decays)) == 1
         if self._uniform_weight_decay:
             self.param_groups[0]["weight_decay"] = decays[0]
+        self.tracker = CurvatureTracker(self.config)
         self._layout: ShardLayout | None = None
         self._comm: Communicator = LocalCommunicator()
         self._batch_comm: Communicator = self._comm
         self._partitioned = False
-        self._weight_decay_vector: torch.Tensor | None = None
         self._capture: BatchCapture | None = None
-        self._hvp = HessianVectorProduct(self.config.hvp)
-        self.stats: dict[str, Any] = {}
-        self._warned_unattached = False
+        self._engine_backward = False          # an engine hands DHO2 the loss of engine.backward
+        self._saw_engine_loss = False
+        self._is_boundary: Callable[[], bool] = lambda: True
+        self._weight_decay_vector: torch.Tensor | None = None
+        self._grad_buffer: torch.Tensor | None = None
+        self._step_stats: dict[str, Any] = {}
+        self._warned: set[str] = set()
 
     @classmethod
     def from_config(cls, params: Iterable[Any], config: dict[str, Any]) -> "DHO2":
@@ -150,25 +134,26 @@ class DHO2(torch.optim.Optimizer):
 
     def _check_schedule(self) -> None:
         cfg = self.config
-        if cfg.curvature.mode is CurvatureMode.INTERLEAVED and cfg.curvature.iterations_per_step is not None:
-            steps_needed = math.ceil(cfg.lanczos_order / cfg.curvature.iterations_per_step)
+        fixed = cfg.curvature.iterations_per_step
+        if cfg.curvature.mode.value == "interleaved" and fixed is not None:
+            steps_needed = -(-cfg.lanczos_order // fixed)
             if steps_needed > cfg.refresh_interval:
                 raise ValueError(
                     f"Invalid interleaved curvature schedule: lanczos_order={cfg.lanczos_order} at "
-                    f"curvature.iterations_per_step={cfg.curvature.iterations_per_step} takes {steps_needed} steps, "
-                    f"more than refresh_interval={cfg.refresh_interval}. Raise iterations_per_step or refresh_interval."
-                )
+                    f"curvature.iterations_per_step={fixed} takes {steps_needed} steps, "
+                    f"more than refresh_interval={cfg.refresh_interval}. Raise iterations_per_step or refresh_interval.")
 
     # ----------------------------------------------------------------------------------------- wiring
     def attach(self, model: torch.nn.Module, loss_fn: LossFn | None = None) -> "DHO2":
-        """Learn the model: a forward hook captures each training batch; refreshes re-run the model on it.
+        """Learn the model: forward hooks capture each training batch; refreshes re-run the model on it.
 
         Without ``loss_fn`` the loss is the output itself (a scalar), its ``.loss`` or its ``["loss"]``;
-        ``loss_fn(output, args, kwargs)`` computes it otherwise.
+        ``loss_fn(output, args, kwargs)`` computes it otherwise. Under a DeepSpeed engine neither is
+        needed: DHO2 takes its products on the loss handed to ``engine.backward``.
         """
         if self._capture is not None:
             self._capture.remove()
-        self._capture = BatchCapture(model, loss_fn)
+        self._capture = BatchCapture(model, loss_fn, math_attention=self._graph_products_due)
         return self
 
     def bind_partition(self, layout: ShardLayout, comm: Communicator) -> None:
@@ -176,28 +161,28 @@ class DHO2(torch.optim.Optimizer):
         partition, ``layout`` maps it to the module's parameters and ``comm`` is the data-parallel group."""
         self._layout, self._comm, self._batch_comm, self._partitioned = layout, comm, comm, True
         self._weight_decay_vector = None
+        self.tracker.bind(layout, comm, comm)
 
     def bind_replicated(self, batch_comm: Communicator) -> None:
         """Parameters are whole on every rank (ZeRO stage 0): curvature averages HVPs over ``batch_comm``."""
         self._comm, self._batch_comm, self._partitioned = LocalCommunicator(), batch_comm, False
         self._layout, self._weight_decay_vector = None, None
 
+    def bind_engine_backward(self, is_boundary: Callable[[], bool]) -> None:
+        """Products may be taken on the loss of ``engine.backward`` (see :meth:`on_backward`);
+        ``is_boundary()`` says whether the current micro-batch ends a gradient-accumulation window."""
+        self._engine_backward, self._is_boundary = True, is_boundary
+
     @property
     def model(self) -> torch.nn.Module | None:
         return None if self._capture is None else self._capture.model
 
-    def _current_layout(self, group: dict) -> ShardLayout:
+    def _current_layout(self) -> ShardLayout:
         if self._layout is None:
-            self._layout = ShardLayout.unsharded(group["params"])
+            self._layout = ShardLayout.unsharded(self.param_groups[0]["params"])
+        if self.tracker.layout is None:
+            self.tracker.bind(self._layout, self._comm, self._batch_comm)
         return self._layout
-
-    def _weight_decay(self, group: dict, x: torch.Tensor, layout: ShardLayout) -> float | torch.Tensor:
-        if self._uniform_weight_decay:
-            return group["weight_decay"]
-        if self._weight_decay_vector is None:
-            decays = [self._weight_decay_by_param[id(p)] for p in layout.params]
-            self._weight_decay_vector = layout.per_element(decays, x.dtype, x.device)
-        return self._weight_decay_vector
 
     # ------------------------------------------------------------------------------------ inspection
     def _curvature_state(self) -> dict | None:
@@ -219,139 +204,135 @@ class DHO2(torch.optim.Optimizer):
 
     @property
     def local_lanczos_basis(self) -> torch.Tensor | None:
-        """This rank's m x P_r Lanczos basis while an interleaved refresh is in flight, else None."""
+        """This rank's m x P_r Lanczos basis while a refresh is in flight, else None."""
         curvature = self._curvature_state()
         run = None if curvature is None else curvature[K.LANCZOS]
         return None if run is None else run["basis"]
 
     # ------------------------------------------------------------------------------------------ state
-    def _init_state(self, state: dict, x: torch.Tensor, layout: ShardLayout) -> None:
-        state[K.STEP] = 0
-        if self.config.base is BaseOptimizer.ADAMW:
-            state[K.EXP_AVG] = torch.zeros_like(x)
-            state[K.EXP_AVG_SQ] = torch.zeros_like(x)
-        else:
-            state[K.MOMENTUM_BUFFER] = torch.zeros_like(x)
-        state[K.CURVATURE] = {
-            K.REFRESH_COUNT: 0, K.EIGENVALUES: None, K.EIGENVECTORS: None, K.NEWTON_MOMENTUM: None,
-            K.LANCZOS: None, K.LANCZOS_STARTED_AT: None,
-            K.ADMM_DUAL: torch.zeros_like(x) if self.config.admm.enabled else None,
-            K.ADMM_ANCHOR: x.clone() if self.config.admm.enabled else None,
-            K.WORLD_SIZE: layout.world_size, K.PARTITION_NUMEL: layout.partition_numel,
-            K.TOTAL_NUMEL: layout.total_numel,
-        }
+    def _numel(self) -> int:
+        params = self.param_groups[0]["params"]
+        return params[0].numel() if self._partitioned else sum(p.numel() for p in params)
 
-    def _check_layout(self, curvature: dict, layout: ShardLayout) -> None:
-        saved = (curvature[K.WORLD_SIZE], curvature[K.PARTITION_NUMEL], curvature[K.TOTAL_NUMEL])
-        current = (layout.world_size, layout.partition_numel, layout.total_numel)
-        if saved != current:
-            raise RuntimeError(
-                "DHO2 state was created for (world_size, partition_numel, total_numel)="
-                f"{saved} but this run has {current}. DHO2 curvature state is partitioned per rank: resume with "
-                "the same data-parallel world size and model, or start the optimizer state afresh "
-                "(load_optimizer_states=False)."
-            )
+    def _ensure_state(self) -> dict:
+        """The per-shard state, created on first use (also by a backward before the first step)."""
+        group = self.param_groups[0]
+        key = group["params"][0]
+        state = self.state[key]
+        layout = self._current_layout()
+        device, dtype = key.device, torch.promote_types(key.dtype, torch.float32)
+        if not state:
+            numel = self._numel()
+            state[K.STEP] = 0
+            state[K.APPLIED_STEPS] = torch.zeros((), dtype=dtype, device=device)
+            if self.config.base is BaseOptimizer.ADAMW:
+                state[K.EXP_AVG] = torch.zeros(numel, dtype=dtype, device=device)
+                state[K.EXP_AVG_SQ] = torch.zeros(numel, dtype=dtype, device=device)
+            else:
+                state[K.MOMENTUM_BUFFER] = torch.zeros(numel, dtype=dtype, device=device)
+            curvature = self.tracker.new_state()
+            curvature.update({
+                K.NEWTON_MOMENTUM: None, K.NEWTON_BASIS_VERSION: 0,
+                K.NONFINITE_STREAK: torch.zeros((), dtype=torch.float32, device=device),
+                K.NONFINITE_MAX_STREAK: torch.zeros((), dtype=torch.float32, device=device),
+                K.SKIPPED_STEPS: torch.zeros((), dtype=torch.float32, device=device),
+                K.ADMM_DUAL: torch.zeros(numel, dtype=dtype, device=device) if self.config.admm.enabled else None,
+                K.ADMM_ANCHOR: self._flat_x().clone() if self.config.admm.enabled else None,
+            })
+            state[K.CURVATURE] = curvature
+        if not torch.is_tensor(state.get(K.APPLIED_STEPS)):  # a checkpoint of a plain-int step counter
+            state[K.APPLIED_STEPS] = torch.tensor(float(state[K.STEP]), dtype=dtype, device=device)
+        self.tracker.adopt(state[K.CURVATURE], device)
+        return state
 
-    def _subspace(self, curvature: dict) -> hybrid.Subspace | None:
-        if curvature[K.EIGENVALUES] is None:
-            return None
-        return hybrid.Subspace(values=curvature[K.EIGENVALUES], vectors=curvature[K.EIGENVECTORS])
+    def _flat_x(self) -> torch.Tensor:
+        params = self.param_groups[0]["params"]
+        if self._partitioned:
+            return params[0].data
+        return torch.cat([p.detach().reshape(-1) for p in params]).to(torch.promote_types(params[0].dtype, torch.float32))
 
     # --------------------------------------------------------------------------------------- curvature
-    def _is_refresh_step(self, step: int) -> bool:
-        cfg = self.config
-        return step >= cfg.warmup_steps and (step - cfg.warmup_steps) % cfg.refresh_interval == 0
+    def _graph_products_due(self) -> bool:
+        """Whether the next training forward must build a graph that supports products (math attention)."""
+        if not self._engine_backward or not self.config.curvature.enabled:
+            return False
+        if self.tracker.chooser.resolved not in (None, HVPMethod.GRAPH) or not self._is_boundary():
+            return False
+        state = self._ensure_state()
+        return self.tracker.wants_products(state[K.STEP] + 1)
 
-    def _advance_curvature(self, step: int, curvature: dict, x: torch.Tensor, layout: ShardLayout) -> None:
-        """Start, continue or finish a Lanczos run as the schedule says (before this step's update)."""
-        cfg = self.config
-        if not cfg.curvature.enabled:
+    def _product_inputs(self, graph_loss: torch.Tensor | None = None, graph_scale: float = 1.0) -> ProductInputs | None:
+        capture = self._capture
+        if capture is None or not capture.has_batch:
+            if graph_loss is None:
+                self._warn_once("unattached", "DHO2 skipped a curvature refresh: %s. Until then DHO2 behaves as its "
+                                "base optimizer.", self._attach_hint())
+                return None
+        model = capture.model if capture is not None else None
+        replay = full = None
+        if capture is not None and capture.can_replay:
+            replay = capture.replay_closure(self.config.curvature.batch_fraction)
+            full = capture.replay_closure(1.0)
+        if replay is None and graph_loss is None:
+            return None
+        return ProductInputs(model=model, params=list(self._current_layout().params), replay=replay,
+                             full_replay=full, graph_loss=graph_loss, graph_scale=graph_scale)
+
+    def _attach_hint(self) -> str:
+        if self._capture is not None and self._capture.skipped_eval_forward:
+            return ("the attached model only ran in eval mode (from_pretrained returns an eval-mode model): call "
+                    "model.train() before training")
+        return "call optimizer.attach(model) and run a training forward pass first"
+
+    def _warn_once(self, key: str, message: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message, *args)
+
+    def on_backward(self, loss: torch.Tensor, scale: float) -> None:
+        """Called by the engine's ``backward(loss)`` before it differentiates: on a boundary micro-batch of
+        a step that is due for products, run them on this loss's graph (``scale``: see
+        ``ds_dho2.curvature.loss_scale``)."""
+        self._saw_engine_loss = True
+        if not self.config.curvature.enabled or not self._is_boundary():
             return
-        refresh_now = self._is_refresh_step(step)
-        if curvature[K.LANCZOS] is None and not refresh_now:
+        state = self._ensure_state()
+        step = state[K.STEP] + 1
+        if not self.tracker.wants_products(step):
             return
-        if self._capture is None or not self._capture.has_batch:
-            if not self._warned_unattached:
-                hint = ("the attached model only ran in eval mode (from_pretrained returns an eval-mode model): "
-                        "call model.train() before training" if self._capture is not None
-                        and self._capture.skipped_eval_forward else
-                        "call optimizer.attach(model) and run a training forward pass first")
-                logger.warning("DHO2 skipped a curvature refresh: %s. Until then DHO2 behaves as its base "
-                               "optimizer.", hint)
-                self._warned_unattached = True
-            return
-        started = time.perf_counter()
-        dtype = getattr(torch, cfg.lanczos_dtype)
-        if curvature[K.LANCZOS] is None:
-            seed = cfg.seed * 1_000_003 + curvature[K.REFRESH_COUNT]
-            start = lanczos_start_vector(layout, seed, dtype, x.device)
-            curvature[K.LANCZOS] = LanczosRun.start(start, min(cfg.lanczos_order, layout.total_numel), self._comm).state
-            curvature[K.LANCZOS_STARTED_AT] = step
-        run = LanczosRun(curvature[K.LANCZOS])
-        operator = hessian_operator(self._capture.model, self._closure, self._hvp, layout, self._comm,
-                                    self._batch_comm)
-        try:
+        graph_loss = loss if loss.requires_grad else None
+        self._advance(step, lambda: self._product_inputs(graph_loss, scale))
+
+    def _advance(self, step: int, inputs: Callable[[], ProductInputs | None]) -> None:
+        if self._capture is not None:
             with self._capture.paused():
-                if cfg.curvature.mode is CurvatureMode.BLOCKING:
-                    run.run(operator, self._comm)
-                else:
-                    offset = step - curvature[K.LANCZOS_STARTED_AT]
-                    for _ in range(self._iterations_at(offset, run.state["order"])):
-                        run.iterate(operator, self._comm)
-        except LossNotFoundError:
-            raise
-        except Exception:  # noqa: BLE001 - a failed refresh must not lose the curvature we have
-            logger.exception("DHO2 curvature refresh failed at step %d; keeping the previous curvature.", step)
-            curvature[K.LANCZOS] = None
-            curvature[K.REFRESH_COUNT] += 1
-            self.stats.pop("refresh_seconds_partial", None)
-            return
-        self.stats["refresh_seconds"] = self.stats.get("refresh_seconds_partial", 0.0) + time.perf_counter() - started
-        if not run.finished:
-            self.stats["refresh_seconds_partial"] = self.stats["refresh_seconds"]
-            return
-        self.stats.pop("refresh_seconds_partial", None)
-        curvature[K.LANCZOS] = None
-        curvature[K.REFRESH_COUNT] += 1
-        self._install(run, curvature, x.dtype)
-        self.stats.update(lanczos_iterations=run.iterations, lanczos_stop=run.stop_reason,
-                          refresh_step=step, refresh_count=curvature[K.REFRESH_COUNT])
+                self.tracker.advance(step, inputs)
+        else:
+            self.tracker.advance(step, inputs)
 
-    def _iterations_at(self, offset: int, order: int) -> int:
-        """Lanczos iterations to run at the ``offset``-th step (0-based) of an interleaved refresh."""
-        fixed = self.config.curvature.iterations_per_step
-        if fixed is not None:
-            return fixed
-        interval = self.config.refresh_interval
-        if offset >= interval - 1:
-            return order  # the last step of the window completes the run (iterate stops at the order)
-        return (offset + 1) * order // interval - offset * order // interval
-
-    def _closure(self) -> torch.Tensor:
-        assert self._capture is not None
-        return self._capture.loss()
-
-    def _install(self, run: LanczosRun, curvature: dict, dtype: torch.dtype) -> None:
-        """Swap in the new eigenbasis, carrying the Newton momentum; keep the old one if nothing is usable."""
-        pairs = run.ritz_pairs()
-        chosen = select_top_magnitude(pairs.values, self.config.rank, self.config.eig_floor)
-        if chosen.numel() == 0:
-            logger.warning("DHO2 curvature refresh found no usable eigenpair (%s); keeping the previous curvature.",
-                           run.stop_reason)
+    def _check_loss_route(self) -> None:
+        """At the first step: fail now, not at the first refresh, if no route to the loss exists."""
+        if not self.config.curvature.enabled:
             return
-        new = hybrid.Subspace(values=pairs.values[chosen].to(dtype), vectors=pairs.local_vectors[chosen].to(dtype))
-        old = self._subspace(curvature)
-        momentum = curvature[K.NEWTON_MOMENTUM]
-        curvature[K.NEWTON_MOMENTUM] = hybrid.carry_momentum(momentum, old, new, self._comm) if old else \
-            torch.zeros(new.rank, dtype=dtype, device=new.vectors.device)
-        curvature[K.EIGENVALUES], curvature[K.EIGENVECTORS] = new.values, new.vectors
-        self.stats["eigenvalues"] = [float(v) for v in new.values]
+        capture = self._capture
+        if capture is None:
+            self._warn_once("unattached", "DHO2 has no model to take curvature from: %s. Until then DHO2 behaves as "
+                            "its base optimizer.", self._attach_hint())
+            return
+        if not capture.has_batch:
+            return
+        if capture.can_replay or self._saw_engine_loss:
+            return
+        if self._engine_backward:
+            raise LossNotFoundError(
+                "DHO2 sees no loss: the model output carries none and the loss did not pass through "
+                "engine.backward(loss). Call engine.backward(loss) instead of loss.backward(), or return the "
+                "loss from the model's forward.")
+        raise LossNotFoundError(
+            "DHO2 cannot find a scalar loss in the model output: return the loss from forward (a 0-dim "
+            "tensor, .loss or ['loss']), or call attach(model, loss_fn=lambda output, args, kwargs: ...).")
 
     # -------------------------------------------------------------------------------------------- step
-    def _all_finite(self, tensor: torch.Tensor) -> bool:
-        flag = torch.isfinite(tensor).all().to(torch.float64).reshape(1)
-        return self._comm.all_reduce(flag).item() == self._comm.world_size
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
@@ -359,108 +340,189 @@ class DHO2(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
-        shard = _FlatShard(group["params"], self._partitioned)
-        if shard.grad is None:
+        grad = self._flat_grad(group)
+        if grad is None:
             return loss
-        layout = self._current_layout(group)
-        state = self.state[group["params"][0]]
-        if not state:
-            self._init_state(state, shard.x, layout)
-        curvature = state[K.CURVATURE]
-        self._check_layout(curvature, layout)
-        if not self._all_finite(shard.grad):
-            logger.warning("DHO2 skipped a step: the gradient contains inf or NaN.")
-            return loss
+        state = self._ensure_state()
         state[K.STEP] += 1
         step = state[K.STEP]
-        self._advance_curvature(step, curvature, shard.x, layout)
-        self._update(group, state, curvature, shard, layout, step)
-        shard.write_back()
+        if step == 1:
+            self._check_loss_route()
+        if self.tracker.wants_products(step):
+            if self._engine_backward and self._saw_engine_loss:
+                self._warn_once("late_products", "DHO2 took curvature products in step() by replaying the batch: "
+                                "the last engine.backward was not on an accumulation boundary.")
+            self._advance(step, self._product_inputs)
+        self._update(group, state, grad, step)
+        self._check_nonfinite(state, step)
         return loss
 
-    def _update(self, group: dict, state: dict, curvature: dict, shard: _FlatShard, layout: ShardLayout,
-                step: int) -> None:
-        cfg, comm, x = self.config, self._comm, shard.x
+    def _flat_grad(self, group: dict) -> torch.Tensor | None:
+        params = group["params"]
+        if self._partitioned:
+            grad = params[0].grad
+            return None if grad is None else grad.data
+        grads = [p.grad for p in params]
+        if all(g is None for g in grads):
+            return None
+        dtype = torch.promote_types(params[0].dtype, torch.float32)
+        numel = self._numel()
+        if self._grad_buffer is None or self._grad_buffer.numel() != numel or self._grad_buffer.dtype != dtype:
+            self._grad_buffer = torch.empty(numel, dtype=dtype, device=params[0].device)
+        if any(g is None for g in grads) or any(g.dtype != dtype for g in grads if g is not None):
+            offset = 0
+            for p, g in zip(params, grads):
+                view = self._grad_buffer[offset:offset + p.numel()]
+                view.zero_() if g is None else view.copy_(g.reshape(-1))
+                offset += p.numel()
+        else:
+            torch.cat([g.reshape(-1) for g in grads], out=self._grad_buffer)
+        return self._grad_buffer
+
+    def _weight_decay(self, group: dict, numel_dtype: torch.dtype, device: torch.device) -> float | torch.Tensor:
+        if self._uniform_weight_decay:
+            return group["weight_decay"]
+        if self._weight_decay_vector is None:
+            layout = self._current_layout()
+            decays = [self._weight_decay_by_param[id(p)] for p in layout.params]
+            if self._partitioned:
+                self._weight_decay_vector = layout.per_element(decays, numel_dtype, device)
+            else:
+                counts = torch.tensor([p.numel() for p in layout.params], device=device)
+                self._weight_decay_vector = torch.repeat_interleave(
+                    torch.tensor(decays, dtype=numel_dtype, device=device), counts)
+        return self._weight_decay_vector
+
+    def _update(self, group: dict, state: dict, grad: torch.Tensor, step: int) -> None:
+        cfg, comm = self.config, self._comm
+        curvature = state[K.CURVATURE]
         lr = group["lr"]
-        grad = shard.grad.to(x.dtype)
+        dtype = state[K.EXP_AVG].dtype if K.EXP_AVG in state else state[K.MOMENTUM_BUFFER].dtype
+        grad = grad.to(dtype)
         if cfg.admm.enabled:
             grad = grad + curvature[K.ADMM_DUAL]
-        subspace = self._subspace(curvature)
+        basis = self.tracker.basis
+        split = hybrid.split_gradient(grad, basis, comm)
+        keep_flag = split.nonfinite == 0
+        keep = keep_flag.to(dtype)
+        complement = torch.where(keep_flag, split.complement, 0.0)
         adam_type = cfg.base is BaseOptimizer.ADAMW
-        newton = None
-        complement = grad
-        if subspace is not None:
-            projection = hybrid.project_gradient(grad, subspace, comm)
-            complement = projection.complement
-            hybrid.update_newton_momentum(curvature[K.NEWTON_MOMENTUM], projection.coefficients,
-                                          group["newton_momentum"], adam_type)
-            newton = hybrid.newton_direction(curvature[K.NEWTON_MOMENTUM], subspace)
-            self.stats["subspace_grad_fraction"] = projection.subspace_fraction
         if adam_type:
-            direction = adamw_direction(complement, state[K.EXP_AVG], state[K.EXP_AVG_SQ], step=step, lr=lr,
-                                        betas=group["betas"], eps=group["eps"])
+            direction = adamw_direction(complement, state[K.EXP_AVG], state[K.EXP_AVG_SQ], state[K.APPLIED_STEPS],
+                                        keep, lr=lr, betas=group["betas"], eps=group["eps"])
         else:
-            direction = heavyball_direction(complement, state[K.MOMENTUM_BUFFER], lr=lr, momentum=group["momentum"])
-        newton_norm = torch.zeros((), dtype=torch.float64, device=x.device)
-        if subspace is not None:
-            hybrid.remove_subspace_component(direction, subspace, comm)
-            direction.mul_(newton_scale(subspace.values, cfg.lr_clip))
+            state[K.APPLIED_STEPS].add_(keep)
+            direction = heavyball_direction(complement, state[K.MOMENTUM_BUFFER], keep, lr=lr,
+                                            momentum=group["momentum"])
+        stats: dict[str, Any] = {"skipped": 1 - keep}
+        if basis is not None:
+            momentum = self._newton_momentum(curvature, basis, dtype)
+            coefficients = torch.where(keep_flag, split.coefficients, 0.0)
+            hybrid.update_newton_momentum(momentum, coefficients, group["newton_momentum"], adam_type, keep)
             reference_lr = group["reference_lr"]
-            newton.mul_(group["alpha"] * (lr / reference_lr if reference_lr > 0 else 1.0))
-            newton_norm = (newton.double() ** 2).sum()
-        # One all-reduce: global squared norms of the base and Newton steps, and a non-finite flag.
-        norms = torch.stack([(direction.double() ** 2).sum(), newton_norm,
-                             (~torch.isfinite(direction)).any().double()
-                             + (0.0 if newton is None else (~torch.isfinite(newton)).any().double())])
-        comm.all_reduce(norms)
-        if norms[2] > 0 or not torch.isfinite(norms[:2]).all():
-            logger.warning("DHO2 dropped a non-finite update (step %d) and its curvature; parameters unchanged.", step)
-            curvature[K.EIGENVALUES] = curvature[K.EIGENVECTORS] = curvature[K.NEWTON_MOMENTUM] = None
-            return
-        if newton is not None:
-            # Trust region: the Newton step may not exceed newton_max_ratio times the base step (global
-            # norms). It guards against tiny eigenvalues (a nearly flat loss) turning u/|lambda| into a jump.
-            limit = cfg.newton_max_ratio * float(norms[0].sqrt())
-            newton_length = float(norms[1].sqrt())
-            scale = limit / newton_length if newton_length > limit else 1.0
-            self.stats["newton_trust_scale"] = scale
-            direction.sub_(newton, alpha=scale)
-        weight_decay = self._weight_decay(group, x, layout)
-        if isinstance(weight_decay, torch.Tensor):
-            x.mul_(1 - lr * weight_decay)
-        elif weight_decay != 0:
-            x.mul_(1 - lr * weight_decay)
-        x.add_(direction)
+            alpha = group["alpha"] * (lr / reference_lr if reference_lr > 0 else 1.0)
+            newton = momentum * basis.inverse_magnitude(dtype) * alpha
+            base_scale = hybrid.newton_scale(basis.values, cfg.lr_clip).to(dtype) if not adam_type else 1.0
+            finish = hybrid.finish_update(direction, basis, newton, comm, base_scale=base_scale,
+                                          newton_max_ratio=cfg.newton_max_ratio)
+            stats.update(subspace_grad_fraction=split.coefficients.norm() / split.grad_sq.clamp_min(1e-300).sqrt(),
+                         newton_trust_scale=finish.trust_scale)
+        self._apply(group, direction, keep, lr)
+        curvature[K.NONFINITE_STREAK].add_(1).mul_(1 - keep)
+        torch.maximum(curvature[K.NONFINITE_MAX_STREAK], curvature[K.NONFINITE_STREAK],
+                      out=curvature[K.NONFINITE_MAX_STREAK])
+        curvature[K.SKIPPED_STEPS].add_(1 - keep)
         if cfg.admm.enabled and step % cfg.admm_window == 0:
-            result = admm_window_end(x, curvature[K.ADMM_DUAL], curvature[K.ADMM_ANCHOR], rho=cfg.admm.rho,
-                                     max_extrapolation_ratio=cfg.admm.max_extrapolation_ratio, comm=comm,
-                                     dual_decay=cfg.admm.dual_decay)
-            self.stats.update(admm_extrapolation_norm=result.extrapolation_norm, admm_safeguard_scale=result.scale)
+            self._admm_window_end(curvature)
+        self._step_stats = stats
+
+    def _newton_momentum(self, curvature: dict, basis: hybrid.Basis, dtype: torch.dtype) -> torch.Tensor:
+        """The coefficient-space momentum in the current basis (carried over at each install)."""
+        momentum = curvature[K.NEWTON_MOMENTUM]
+        if curvature[K.NEWTON_BASIS_VERSION] != basis.version or momentum is None:
+            transition = self.tracker.transition(curvature[K.NEWTON_BASIS_VERSION])
+            if momentum is not None and transition is not None and transition.shape[1] == momentum.numel():
+                momentum = (transition @ momentum.double()).to(dtype)
+            else:
+                momentum = torch.zeros(basis.rank, dtype=dtype, device=basis.vectors.device)
+            curvature[K.NEWTON_MOMENTUM], curvature[K.NEWTON_BASIS_VERSION] = momentum, basis.version
+        return momentum
+
+    def _apply(self, group: dict, update: torch.Tensor, keep: torch.Tensor, lr: float) -> None:
+        """``x <- x * (1 - lr * wd) + update`` on the partition or, through views, on the parameters."""
+        params = group["params"]
+        weight_decay = self._weight_decay(group, update.dtype, update.device)
+        if self._partitioned:
+            x = params[0].data
+            if isinstance(weight_decay, torch.Tensor):
+                x.mul_(1 - lr * weight_decay * keep)
+            elif weight_decay != 0:
+                x.mul_(1 - lr * weight_decay * keep)
+            x.add_(update.to(x.dtype))
+            return
+        tensors = [p.data for p in params]
+        if isinstance(weight_decay, torch.Tensor):
+            update = update - (lr * weight_decay * keep) * self._flat_x()
+        elif weight_decay != 0:
+            torch._foreach_mul_(tensors, 1 - lr * weight_decay * keep)
+        views = [chunk.view_as(p).to(p.dtype) for chunk, p in zip(update.split([p.numel() for p in params]), params)]
+        torch._foreach_add_(tensors, views)
+
+    def _admm_window_end(self, curvature: dict) -> None:
+        x = self._flat_x()
+        result = admm_window_end(x, curvature[K.ADMM_DUAL], curvature[K.ADMM_ANCHOR], rho=self.config.admm.rho,
+                                 max_extrapolation_ratio=self.config.admm.max_extrapolation_ratio, comm=self._comm,
+                                 dual_decay=self.config.admm.dual_decay)
+        if not self._partitioned:
+            params = self.param_groups[0]["params"]
+            for p, chunk in zip(params, x.split([p.numel() for p in params])):
+                p.data.copy_(chunk.view_as(p))
+        self.tracker.stats.update(admm_extrapolation_norm=result.extrapolation_norm,
+                                  admm_safeguard_scale=result.scale)
+
+    def _check_nonfinite(self, state: dict, step: int) -> None:
+        """Every ``max_nonfinite_steps`` steps read one flag: stop a run whose gradients stay non-finite."""
+        limit = self.config.max_nonfinite_steps
+        if step % limit != 0:
+            return
+        curvature = state[K.CURVATURE]
+        longest = float(curvature[K.NONFINITE_MAX_STREAK])
+        skipped = float(curvature[K.SKIPPED_STEPS])
+        curvature[K.NONFINITE_MAX_STREAK].zero_()
+        curvature[K.SKIPPED_STEPS].zero_()
+        if skipped:
+            logger.warning("DHO2 skipped %d of the last %d steps: their gradients contained inf or NaN.",
+                           int(skipped), limit)
+        if longest >= limit:
+            raise NonFiniteGradientError(
+                f"DHO2 stopped at step {step}: the gradient was inf or NaN in {int(longest)} consecutive steps "
+                f"(max_nonfinite_steps={limit}), so every step was skipped. Lower the learning rate, enable "
+                "gradient clipping or fix the loss; raise max_nonfinite_steps to tolerate longer runs of bad steps.")
 
     # -------------------------------------------------------------------------------------- checkpoints
     def load_state_dict(self, state_dict: dict) -> None:
         """Like ``torch.optim.Optimizer.load_state_dict`` but keeps the curvature state's dtypes (float64
-        Lanczos basis, eigenpairs) instead of casting them to the parameters' dtype, and never aliases the
-        tensors of the state dict it was given."""
+        eigenvalues, the Lanczos basis) instead of casting them to the parameters' dtype, and never aliases
+        the tensors of the state dict it was given."""
         curvature_by_index = {index: copy.deepcopy(entry.get(K.CURVATURE))
                               for index, entry in state_dict["state"].items() if isinstance(entry, dict)}
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         for index, curvature in curvature_by_index.items():
             if curvature is not None:
-                device = params[index].device
-                self.state[params[index]][K.CURVATURE] = _to_device(curvature, device)
+                self.state[params[index]][K.CURVATURE] = curvature
 
     def curvature_stats(self) -> dict[str, Any]:
-        """The latest eigenvalues, subspace gradient fraction, refresh time and ADMM extrapolation norm."""
-        return {k: v for k, v in self.stats.items() if not k.endswith("_partial")}
+        """The latest eigenvalues, subspace gradient fraction, refresh time, HVP strategy and cost, trust
+        scale and ADMM extrapolation norm, as plain numbers (read from the device here, not in the step)."""
+        stats = {k: v for k, v in self.tracker.stats.items() if not k.endswith("_partial")}
+        for key, value in self._step_stats.items():
+            stats[key] = float(value) if torch.is_tensor(value) else value
+        if self.tracker.chooser.report:
+            stats["hvp_report"] = self.tracker.chooser.report
+        return stats
 
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if torch.is_tensor(value):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_to_device(v, device) for v in value]
-    return value
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Alias of :meth:`curvature_stats`."""
+        return self.curvature_stats()

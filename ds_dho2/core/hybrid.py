@@ -1,7 +1,12 @@
 """The hybrid-order step of DESIGN.md section 1, on one rank's flat slice.
 
-``Subspace`` holds the rank's eigenvector slices ``V_r`` (k x P_r) and the replicated eigenvalues.
+:class:`Basis` holds the rank's eigenvector slices ``V_r`` (k x P_r) and the replicated eigenvalues.
 Every reduction of k numbers goes through the communicator, so the sharded step equals the unsharded one.
+The functions here never read a value on the host: flags, norms and statistics stay 0-dim tensors on the
+parameters' device, and each step needs two all-reduces of k + 2 numbers.
+
+The step passes over ``V`` four times: ``V g``, ``g - V^T c``, ``V d`` and one fused
+``d - V^T (V d + n)`` that removes the base step's subspace component and adds the Newton step.
 """
 
 from __future__ import annotations
@@ -13,58 +18,96 @@ import torch
 from ds_dho2.dist.comm import Communicator
 
 
-@dataclasses.dataclass
-class Subspace:
-    """The current curvature estimate: ``vectors`` (k x P_r slice) and ``values`` (k, replicated)."""
+@dataclasses.dataclass(frozen=True)
+class Basis:
+    """An installed curvature estimate: ``vectors`` (k x P_r slice, orthonormal over all ranks) and
+    ``values`` (k, float64, replicated), on the parameters' device. ``version`` counts installs."""
 
     values: torch.Tensor
     vectors: torch.Tensor
+    version: int
 
     @property
     def rank(self) -> int:
         return int(self.values.numel())
 
+    def inverse_magnitude(self, dtype: torch.dtype) -> torch.Tensor:
+        """``1 / |lambda|`` in ``dtype`` (the Newton step's scale per direction)."""
+        return self.values.abs().reciprocal().to(dtype)
+
 
 @dataclasses.dataclass
-class Projection:
-    """Result of splitting a gradient: coefficients ``c = V g``, complement ``g2`` and ``||g1||/||g||``."""
+class Split:
+    """A gradient split by the basis: coefficients ``c = V g``, complement ``g - V^T c`` and the
+    all-reduced extras that rode along (``||g||^2`` and the non-finite count)."""
 
     coefficients: torch.Tensor
     complement: torch.Tensor
-    subspace_fraction: float
+    grad_sq: torch.Tensor
+    nonfinite: torch.Tensor
 
 
-def project_gradient(grad: torch.Tensor, subspace: Subspace, comm: Communicator) -> Projection:
-    """Steps 1-2: ``c = sum_r V_r g_r`` (one all-reduce of k+1 numbers) and ``g2 = g - V^T c``."""
-    vectors = subspace.vectors
-    partial = torch.cat([vectors @ grad, (grad * grad).sum().reshape(1).to(vectors.dtype)])
-    comm.all_reduce(partial)
-    coefficients, grad_sq = partial[:-1], partial[-1]
-    complement = grad - vectors.t() @ coefficients
-    fraction = float(coefficients.norm() / grad_sq.clamp_min(1e-300).sqrt())
-    return Projection(coefficients=coefficients, complement=complement, subspace_fraction=fraction)
+def split_gradient(grad: torch.Tensor, basis: Basis | None, comm: Communicator) -> Split:
+    """Steps 1-2: ``c = sum_r V_r g_r`` and ``g2 = g - V^T c`` with one all-reduce of k + 2 numbers,
+    which also carries ``||g||^2`` and the number of ranks whose gradient has an inf or NaN."""
+    bad = (~torch.isfinite(grad)).any().to(grad.dtype).reshape(1)
+    grad_sq = torch.dot(grad, grad).reshape(1)
+    if basis is None:
+        extras = comm.all_reduce(torch.cat([grad_sq, bad]))
+        return Split(coefficients=grad.new_zeros(0), complement=grad, grad_sq=extras[0], nonfinite=extras[1])
+    vectors = basis.vectors.to(grad.dtype) if basis.vectors.dtype != grad.dtype else basis.vectors
+    partial = comm.all_reduce(torch.cat([vectors @ grad, grad_sq, bad]))
+    coefficients = partial[:-2]
+    complement = torch.addmv(grad, vectors.t(), coefficients, alpha=-1)
+    return Split(coefficients=coefficients, complement=complement, grad_sq=partial[-2], nonfinite=partial[-1])
 
 
-def update_newton_momentum(momentum: torch.Tensor, coefficients: torch.Tensor, beta: float, adam_type: bool) -> None:
-    """Step 3: ``u <- beta*u + (1-beta)*c`` (Adam-type) or ``u <- beta*u + c`` (heavy-ball), in place."""
-    momentum.mul_(beta).add_(coefficients, alpha=(1 - beta) if adam_type else 1.0)
+def update_newton_momentum(momentum: torch.Tensor, coefficients: torch.Tensor, beta: float, adam_type: bool,
+                           keep: torch.Tensor) -> None:
+    """Step 3: ``u <- beta*u + (1-beta)*c`` (Adam-type) or ``u <- beta*u + c`` (heavy-ball), in place;
+    unchanged where ``keep`` is 0 (``coefficients`` must then be zero)."""
+    momentum.mul_(1 - (1 - beta) * keep).add_(coefficients, alpha=(1 - beta) if adam_type else 1.0)
 
 
-def newton_direction(momentum: torch.Tensor, subspace: Subspace) -> torch.Tensor:
-    """Step 4: ``n = V^T (u / |lambda|)`` (local, no communication)."""
-    scaled = momentum / subspace.values.abs().to(momentum.dtype)
-    return subspace.vectors.t() @ scaled
+def newton_scale(values: torch.Tensor, lr_clip: float) -> torch.Tensor:
+    """``s = clip(lambda_max / lambda_min_of_k, 1, lr_clip)`` on magnitudes (step 7), a 0-dim tensor."""
+    magnitude = values.abs()
+    return (magnitude.max() / magnitude.min()).clamp(1.0, lr_clip)
 
 
-def remove_subspace_component(direction: torch.Tensor, subspace: Subspace, comm: Communicator) -> torch.Tensor:
-    """Step 6: ``d <- d - V^T (V d)`` (one all-reduce of k numbers), in place."""
-    coefficients = comm.all_reduce(subspace.vectors @ direction)
-    return direction.sub_(subspace.vectors.t() @ coefficients)
+@dataclasses.dataclass
+class Finish:
+    """What :func:`finish_update` did: the trust-region scale (1 = untouched), a 0-dim tensor."""
+
+    trust_scale: torch.Tensor
 
 
-def carry_momentum(momentum: torch.Tensor, old: Subspace | None, new: Subspace, comm: Communicator) -> torch.Tensor:
-    """Move the coefficient-space momentum into a new basis: ``u_new = V_new V_old^T u_old``."""
-    if old is None or old.rank == 0:
-        return torch.zeros(new.rank, dtype=new.vectors.dtype, device=new.vectors.device)
-    in_parameter_space = old.vectors.t() @ momentum
-    return comm.all_reduce(new.vectors @ in_parameter_space)
+def finish_update(direction: torch.Tensor, basis: Basis, newton_coefficients: torch.Tensor, comm: Communicator, *,
+                  base_scale: torch.Tensor | float, newton_max_ratio: float) -> Finish:
+    """Steps 4-7 in place: ``d <- s * (d - V^T V d) - V^T n``, the whole update of this step, where ``d``
+    is the base step and ``n`` (k coefficients) the Newton step ``alpha * u / |lambda|``.
+
+    Trust region: ``n`` is scaled so that its global norm (``||V^T n|| = ||n||`` for an orthonormal
+    basis) stays within ``newton_max_ratio`` times that of the base step ``s * (d - V^T V d)``, which
+    guards against tiny eigenvalues turning ``u / |lambda|`` into a jump. A non-finite Newton step is
+    replaced by zero (the base step still applies).
+    """
+    vectors = basis.vectors.to(direction.dtype) if basis.vectors.dtype != direction.dtype else basis.vectors
+    partial = comm.all_reduce(torch.cat([vectors @ direction, torch.dot(direction, direction).reshape(1)]))
+    in_subspace, direction_sq = partial[:-1], partial[-1]
+    base_norm = (direction_sq - in_subspace.square().sum()).clamp_min(0).sqrt() * base_scale
+    newton_norm = newton_coefficients.norm()
+    limit = newton_max_ratio * base_norm
+    trust = torch.where(newton_norm > limit, limit / newton_norm.clamp_min(1e-30), torch.ones_like(newton_norm))
+    newton = torch.nan_to_num(newton_coefficients * trust, nan=0.0, posinf=0.0, neginf=0.0)
+    if not isinstance(base_scale, float) or base_scale != 1.0:
+        direction.mul_(base_scale)
+        in_subspace = in_subspace * base_scale
+    direction.addmv_(vectors.t(), in_subspace + newton, alpha=-1)
+    return Finish(trust_scale=trust)
+
+
+def transition_matrix(new: torch.Tensor, old: torch.Tensor, comm: Communicator) -> torch.Tensor:
+    """``V_new V_old^T`` (k_new x k_old, all-reduced): carries coefficient-space state into a new basis
+    (``u_new = C u_old``) and measures rotation (``||C||_F^2 / k`` is the mean squared principal cosine)."""
+    return comm.all_reduce(new.to(torch.float64) @ old.to(torch.float64).t())

@@ -2,8 +2,12 @@
 
 The operator is an abstract ``matvec(local_vector) -> local_vector``; inner products are local partial
 sums completed by ``comm.all_reduce``. The iteration is resumable (``LanczosRun.iterate`` does one step
-and its whole state is in ``state_dict``) so a refresh can be spread over training steps and survive a
-checkpoint. It stops early, keeping what it has, on a non-finite product or on breakdown (beta ~ 0).
+and its whole state is in ``state``) so a refresh can be spread over training steps and survive a
+checkpoint. It stops early, keeping what it has, on a non-finite product, on breakdown (beta ~ 0), or --
+when a ``tolerance`` is set -- once the top-``rank`` Ritz pairs have converged: every kept pair
+``(theta, y)`` has the residual ``||H y - theta y|| = beta_n |s_n|`` at most ``tolerance * |theta|``
+(the classic a-posteriori bound, free from the tridiagonal matrix). A warm start from the previous
+eigenvectors then needs about ``rank`` products instead of ``order``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from ds_dho2.core.spectrum import select_top_magnitude
 from ds_dho2.dist.comm import Communicator
 
 logger = logging.getLogger(__name__)
@@ -34,6 +39,28 @@ class RitzPairs:
     local_vectors: torch.Tensor
 
 
+@dataclasses.dataclass
+class RitzSelection:
+    """The kept Ritz pairs as coefficients in the Lanczos basis: ``y_i = Q^T coefficients[:, i]``.
+
+    ``values`` (k,) float64, ordered by decreasing magnitude; ``coefficients`` (n, k) float64 on the CPU;
+    ``residuals`` (k,) the residual norms ``beta_n |s_n,i|``.
+    """
+
+    values: torch.Tensor
+    coefficients: torch.Tensor
+    residuals: torch.Tensor
+
+
+def _tridiagonal(alphas: list[float], betas: list[float]) -> torch.Tensor:
+    n = len(alphas)
+    matrix = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if n > 1:
+        off = torch.tensor(betas[: n - 1], dtype=torch.float64)
+        matrix += torch.diag(off, 1) + torch.diag(off, -1)
+    return matrix
+
+
 class LanczosRun:
     """One Lanczos iteration of order ``order``, resumable.
 
@@ -45,14 +72,19 @@ class LanczosRun:
         self.state = state
 
     @classmethod
-    def start(cls, start: torch.Tensor, order: int, comm: Communicator) -> "LanczosRun":
-        """Begin a run from ``start`` (this rank's slice; normalised here)."""
+    def start(cls, start: torch.Tensor, order: int, comm: Communicator, *, rank: int | None = None,
+              tolerance: float | None = None, eig_floor: float = 0.0) -> "LanczosRun":
+        """Begin a run from ``start`` (this rank's slice; normalised here).
+
+        With ``tolerance`` the run stops as soon as the ``rank`` largest-magnitude Ritz pairs (those above
+        ``eig_floor * max|theta|``) have relative residuals at most ``tolerance``.
+        """
         if order < 1:
             raise ValueError(f"Invalid {order=}. Must be >= 1.")
         run = cls({
             "order": order, "basis": torch.zeros(order, start.numel(), dtype=start.dtype, device=start.device),
             "alphas": [], "betas": [], "next_vector": torch.zeros_like(start), "finished": False,
-            "stop_reason": "",
+            "stop_reason": "", "rank": rank, "tolerance": tolerance, "eig_floor": eig_floor,
         })
         norm = run._norm(start, comm)
         if not torch.isfinite(norm) or norm == 0:
@@ -76,6 +108,7 @@ class LanczosRun:
 
     def _stop(self, reason: str) -> None:
         self.state["finished"], self.state["stop_reason"] = True, reason
+        self.state["next_vector"] = None  # one less vector held until the run is installed
 
     @staticmethod
     def _dot(a: torch.Tensor, b: torch.Tensor, comm: Communicator) -> torch.Tensor:
@@ -92,7 +125,8 @@ class LanczosRun:
             w.sub_(basis.t() @ coeffs)
 
     def iterate(self, matvec: MatVec, comm: Communicator) -> None:
-        """Run one iteration; finishes after ``order`` iterations, on breakdown or on a bad product."""
+        """Run one iteration; finishes after ``order`` iterations, on breakdown, on a bad product or on
+        convergence."""
         if self.finished:
             return
         state, j = self.state, self.iterations
@@ -105,22 +139,39 @@ class LanczosRun:
             return
         basis[j].copy_(q)
         alpha = self._dot(product, q, comm)
-        w = product - alpha * q
+        w = product.sub_(q, alpha=float(alpha))
         if j > 0:
-            w.sub_(state["betas"][-1] * basis[j - 1])
+            w.sub_(basis[j - 1], alpha=state["betas"][-1])
         self._reorthogonalise(w, j + 1, comm)
-        beta = self._norm(w, comm)
+        beta = float(self._norm(w, comm))
         state["alphas"].append(float(alpha))
         if j + 1 >= state["order"]:
             self._stop("reached order")
             return
         scale = max(abs(a) for a in state["alphas"]) + max(state["betas"], default=0.0)
-        if not torch.isfinite(beta) or float(beta) <= _BREAKDOWN_RTOL * max(scale, 1e-300):
+        if not beta == beta or beta <= _BREAKDOWN_RTOL * max(scale, 1e-300):  # NaN or invariant subspace
             self._stop(f"breakdown (invariant subspace) after {j + 1} iterations")
             logger.info("Lanczos %s.", self.stop_reason)
             return
-        state["betas"].append(float(beta))
-        state["next_vector"] = w / beta
+        if self._converged(beta):
+            self._stop(f"converged after {j + 1} iterations")
+            return
+        state["betas"].append(beta)
+        state["next_vector"] = w.div_(beta)
+
+    def _converged(self, next_beta: float) -> bool:
+        tolerance, rank = self.state.get("tolerance"), self.state.get("rank")
+        if tolerance is None or rank is None or self.iterations < rank:
+            return False
+        selection = self._select(next_beta)
+        return selection.values.numel() > 0 and bool((selection.residuals <= tolerance * selection.values.abs()).all())
+
+    def _select(self, next_beta: float) -> RitzSelection:
+        values, vectors = torch.linalg.eigh(_tridiagonal(self.state["alphas"], self.state["betas"]))
+        rank = self.state.get("rank") or values.numel()
+        chosen = select_top_magnitude(values, rank, self.state.get("eig_floor") or 0.0)
+        residuals = next_beta * vectors[-1, chosen].abs()
+        return RitzSelection(values=values[chosen], coefficients=vectors[:, chosen], residuals=residuals)
 
     def run(self, matvec: MatVec, comm: Communicator) -> "LanczosRun":
         """Iterate until finished (blocking mode)."""
@@ -128,15 +179,31 @@ class LanczosRun:
             self.iterate(matvec, comm)
         return self
 
+    def selection(self, rank: int, eig_floor: float) -> RitzSelection:
+        """The ``rank`` largest-magnitude Ritz pairs above ``eig_floor * max|theta|`` of a finished run."""
+        if self.iterations == 0:
+            empty = torch.zeros(0, dtype=torch.float64)
+            return RitzSelection(values=empty, coefficients=torch.zeros(0, 0, dtype=torch.float64), residuals=empty)
+        values, vectors = torch.linalg.eigh(_tridiagonal(self.state["alphas"], self.state["betas"]))
+        chosen = select_top_magnitude(values, rank, eig_floor)
+        return RitzSelection(values=values[chosen], coefficients=vectors[:, chosen],
+                             residuals=torch.full((chosen.numel(),), float("nan"), dtype=torch.float64))
+
+    def project(self, local_vectors: torch.Tensor, comm: Communicator) -> torch.Tensor:
+        """``Q X^T`` (n x rows of X, float64, all-reduced): the basis against other sharded vectors."""
+        n = self.iterations
+        partial = (self.state["basis"][:n] @ local_vectors.to(self.state["basis"].dtype).t()).double()
+        return comm.all_reduce(partial)
+
+    def lift(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """``coefficients^T Q``: this rank's slice of the Ritz vectors (k x local_numel), no communication."""
+        basis = self.state["basis"]
+        return coefficients.t().to(device=basis.device, dtype=basis.dtype) @ basis[: coefficients.shape[0]]
+
     def ritz_pairs(self) -> RitzPairs:
-        """Eigenpairs of the tridiagonal matrix, with eigenvector slices ``S^T Q_r`` (no gather needed)."""
+        """All eigenpairs of the tridiagonal matrix, with eigenvector slices ``S^T Q_r`` (no gather needed)."""
         n, basis = self.iterations, self.state["basis"]
         if n == 0:
             return RitzPairs(values=basis.new_zeros(0, dtype=torch.float64), local_vectors=basis.new_zeros(0, basis.shape[1]))
-        tridiagonal = torch.diag(torch.tensor(self.state["alphas"], dtype=torch.float64))
-        if n > 1:
-            off = torch.tensor(self.state["betas"][: n - 1], dtype=torch.float64)
-            tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
-        values, vectors = torch.linalg.eigh(tridiagonal)
-        local = vectors.t().to(device=basis.device, dtype=basis.dtype) @ basis[:n]
-        return RitzPairs(values=values, local_vectors=local)
+        values, vectors = torch.linalg.eigh(_tridiagonal(self.state["alphas"], self.state["betas"]))
+        return RitzPairs(values=values, local_vectors=self.lift(vectors))

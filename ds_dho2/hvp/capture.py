@@ -1,81 +1,161 @@
-"""Capturing the last training batch a model saw, and turning a model output into a scalar loss."""
+"""The model hooks DHO2 needs: the last training batch (for replayed products), whether the model's output
+carries a loss, and math attention on the forwards whose gradient graph will be differentiated twice."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._pytree import tree_map
 
 LossFn = Callable[[Any, tuple, dict], torch.Tensor]
 
+#: keyword arguments a replay drops: Hugging Face models divide by this global item count (summed over
+#: accumulation steps and ranks), while a curvature loss is the micro-batch's own mean
+#: (``ds_dho2.curvature.loss_scale``).
+REPLAY_DROPPED_KWARGS = ("num_items_in_batch",)
+
 
 class LossNotFoundError(ValueError):
-    """The model output holds no scalar loss and no ``loss_fn`` was given (a user error, never retried)."""
+    """The model output holds no scalar loss and no other route to the loss exists (a user error)."""
 
 
-def loss_from_output(output: Any) -> torch.Tensor:
-    """The scalar loss in a model output: the output itself, its ``.loss`` or its ``["loss"]``."""
-    if torch.is_tensor(output) and output.dim() == 0:
-        return output
+def find_loss(output: Any) -> torch.Tensor | None:
+    """The scalar loss in a model output (the output itself, its ``.loss`` or its ``["loss"]``), or None."""
+    if torch.is_tensor(output):
+        return output if output.dim() == 0 else None
     loss = getattr(output, "loss", None)
     if loss is None and isinstance(output, Mapping):
         loss = output.get("loss")
-    if not torch.is_tensor(loss) or loss.dim() != 0:
+    return loss if torch.is_tensor(loss) and loss.dim() == 0 else None
+
+
+def loss_from_output(output: Any) -> torch.Tensor:
+    """The scalar loss in a model output; raises :class:`LossNotFoundError` naming the fixes."""
+    loss = find_loss(output)
+    if loss is None:
         raise LossNotFoundError(
             f"DHO2 cannot find a scalar loss in the model output of type {type(output).__name__}: expected a "
             "0-dim tensor, a `.loss` attribute or a ['loss'] entry (pass labels to a Hugging Face model). "
-            "Otherwise call attach(model, loss_fn=lambda output, args, kwargs: ...)."
+            "Otherwise call attach(model, loss_fn=lambda output, args, kwargs: ...), or train through a "
+            "DeepSpeed engine's engine.backward(loss), whose loss DHO2 uses directly."
         )
     return loss
 
 
-class BatchCapture:
-    """A forward pre-hook that remembers the inputs of the last training-mode, grad-enabled forward.
+def _leading_batch_size(args: tuple, kwargs: dict) -> int | None:
+    for value in (*args, *kwargs.values()):
+        if torch.is_tensor(value) and value.dim() >= 1:
+            return int(value.shape[0])
+    return None
 
-    Evaluation passes (``model.eval()`` or ``torch.no_grad()``) do not replace the captured batch, and
-    forwards run by the HVPs themselves are ignored (see :meth:`paused`).
+
+def slice_batch(args: tuple, kwargs: dict, fraction: float) -> tuple[tuple, dict]:
+    """Every ``round(1 / fraction)``-th row of every tensor whose leading dimension is the batch size ``B``
+    (that of the first tensor argument); everything else is passed through unchanged.
+
+    Strided rows make the subset independent of the world size: when each rank's micro-batch is a
+    contiguous slice of the global batch, the ranks' subsets together are the single-process subset.
+    """
+    batch = _leading_batch_size(args, kwargs)
+    stride = max(1, round(1.0 / fraction))
+    if stride == 1 or batch is None or batch < 2:
+        return args, kwargs
+    stride = min(stride, batch)
+
+    def cut(value: Any) -> Any:
+        if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == batch:
+            return value[::stride].contiguous()
+        return value
+
+    return tree_map(cut, args), tree_map(cut, kwargs)
+
+
+class BatchCapture:
+    """Forward hooks on the model DHO2 learns (``DHO2.attach``).
+
+    * The pre-hook remembers the inputs of the last training-mode, grad-enabled forward (evaluation
+      passes do not replace them; forwards run by the products themselves are ignored, see :meth:`paused`).
+    * The post-hook records whether that forward's output carried a scalar loss, so a missing loss is
+      reported at the first step rather than at the first refresh.
+    * When ``math_attention()`` says so, a training forward runs under the math SDPA backend, whose graph
+      supports a second backward (the steps whose own gradient graph yields products).
     """
 
-    def __init__(self, model: torch.nn.Module, loss_fn: LossFn | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, loss_fn: LossFn | None = None,
+                 math_attention: Callable[[], bool] | None = None) -> None:
         self.model = model
         self.loss_fn = loss_fn
         self.args: tuple | None = None
         self.kwargs: dict | None = None
-        self._paused = False
+        self.output_has_loss: bool | None = None
+        self.math_attention = math_attention or (lambda: False)
         self.skipped_eval_forward = False
-        self._handle = model.register_forward_pre_hook(self._remember, with_kwargs=True)
+        self._paused = False
+        self._attention: contextlib.AbstractContextManager | None = None
+        self._handles = [model.register_forward_pre_hook(self._before, with_kwargs=True),
+                         model.register_forward_hook(self._after, always_call=True)]
 
-    def _remember(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    def _recording(self, module: torch.nn.Module) -> bool:
+        return not self._paused and torch.is_grad_enabled() and module.training
+
+    def _before(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if self._paused or not torch.is_grad_enabled():
             return
         if not module.training:
             self.skipped_eval_forward = True
             return
         self.args, self.kwargs = args, kwargs
+        if self._attention is None and self.math_attention():
+            self._attention = sdpa_kernel([SDPBackend.MATH])
+            self._attention.__enter__()
+
+    def _after(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if self._attention is not None:
+            attention, self._attention = self._attention, None
+            attention.__exit__(None, None, None)
+        if self._recording(module):
+            self.output_has_loss = find_loss(output) is not None
 
     @property
     def has_batch(self) -> bool:
         return self.args is not None
 
+    @property
+    def can_replay(self) -> bool:
+        """Whether a replay can produce a loss: a ``loss_fn`` was given or the output carries one."""
+        return self.has_batch and (self.loss_fn is not None or bool(self.output_has_loss))
+
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
-        """Ignore forwards while inside this context (the HVPs' own forwards)."""
+        """Ignore forwards while inside this context (the products' own forwards)."""
         previous, self._paused = self._paused, True
         try:
             yield
         finally:
             self._paused = previous
 
-    def loss(self) -> torch.Tensor:
-        """Re-run the model on the captured batch and return the scalar loss."""
+    def replay_closure(self, fraction: float = 1.0) -> Callable[[], torch.Tensor]:
+        """A closure that re-runs the model on (a ``fraction`` of) the captured batch and returns its loss."""
         if self.args is None or self.kwargs is None:
             raise RuntimeError("DHO2 has no captured batch yet: run a training forward pass first.")
-        output = self.model(*self.args, **self.kwargs)
-        if self.loss_fn is not None:
-            return self.loss_fn(output, self.args, self.kwargs)
-        return loss_from_output(output)
+        kwargs = {k: v for k, v in self.kwargs.items() if k not in REPLAY_DROPPED_KWARGS}
+        args, kwargs = slice_batch(self.args, kwargs, fraction)
+
+        def closure() -> torch.Tensor:
+            with self.paused():
+                output = self.model(*args, **kwargs)
+            if self.loss_fn is not None:
+                return self.loss_fn(output, args, kwargs)
+            return loss_from_output(output)
+
+        return closure
 
     def remove(self) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

@@ -1,30 +1,45 @@
-"""Three ways to compute Hessian-vector products, and the ``auto`` choice among them.
+"""Hessian-vector products as *sessions*: one batch, one set of parameters, any number of products.
 
-* ``forward``: forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad`` (cheapest, needs
-  functorch-compatible models);
-* ``reverse``: reverse-over-reverse, double backward through ``torch.autograd.grad``;
-* ``finite_difference``: central differences of gradients, ``(g(x+hv) - g(x-hv)) / 2h``.
+A refresh asks for its products one at a time (Lanczos is sequential), all on the same batch and at the
+same parameters, so whatever a strategy can reuse between products is computed once when its session
+opens:
 
-Every product runs with dropout off (``model.eval()``) and the math SDPA backend (fused attention kernels
-lack double backward and forward-mode AD), and leaves the model's train/eval modes, its parameters, its
-``.grad`` fields and the autograd mode exactly as it found them.
+* ``forward``: forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad`` (nothing to reuse);
+* ``reverse``: the gradient graph is built once (``create_graph``); each product is one more backward
+  through it;
+* ``finite_difference``: the gradient at ``x`` is computed once; each product is one more gradient at
+  ``x + h v`` (a forward difference, evaluated through ``torch.func.functional_call`` so the module's
+  parameters are never written; its step balances truncation against the rounding of the coarser of the
+  loss and parameter dtypes, learnt from that first gradient, so no probe forward is needed);
+* ``graph``: like ``reverse`` but on the loss the training loop handed to ``engine.backward``, whose
+  forward already ran: no replay, no loss function needed.
+
+Replayed products run with dropout off (``model.eval()``) and the math SDPA backend (fused attention
+kernels lack double backward and forward-mode AD), and leave the model's train/eval modes, its
+parameters, its ``.grad`` fields and the autograd mode exactly as they found them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ds_dho2.config import HVPMethod
-from ds_dho2.hvp.capture import LossNotFoundError
-
 logger = logging.getLogger(__name__)
 
 LossClosure = Callable[[], torch.Tensor]
+Vectors = Sequence[torch.Tensor]
+
+
+class ProductSession(Protocol):
+    """``H v`` for per-parameter vectors ``v`` on one fixed batch at fixed parameters."""
+
+    def __call__(self, vectors: Vectors) -> list[torch.Tensor]: ...
+
+    def close(self) -> None: ...
 
 
 @contextlib.contextmanager
@@ -38,6 +53,10 @@ def hvp_context(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes:
             module.training = training
+
+
+def _zeros_for_none(grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 
 class _ClosureModule(torch.nn.Module):
@@ -63,103 +82,102 @@ def _parameter_names(model: torch.nn.Module, params: Sequence[torch.Tensor]) -> 
     return [names[id(p)] for p in params]
 
 
-def hvp_forward_over_reverse(model: torch.nn.Module, params: Sequence[torch.Tensor], closure: LossClosure,
-                             vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """``jvp(grad(loss))``: one forward-mode pass through the gradient computation."""
-    names = ["model." + n for n in _parameter_names(model, params)]
-    wrapper = _ClosureModule(model, closure)
+class ForwardOverReverse:
+    """``jvp(grad(loss))``: one forward-mode pass through the gradient computation per product."""
 
-    def loss_of(*tensors: torch.Tensor) -> torch.Tensor:
-        return torch.func.functional_call(wrapper, dict(zip(names, tensors)), ())
+    def __init__(self, model: torch.nn.Module, params: Sequence[torch.Tensor], closure: LossClosure) -> None:
+        self.model = model
+        names = ["model." + n for n in _parameter_names(model, params)]
+        wrapper = _ClosureModule(model, closure)
 
-    grad_of = torch.func.grad(loss_of, argnums=tuple(range(len(params))))
-    primals = tuple(p.detach() for p in params)
-    _, product = torch.func.jvp(grad_of, primals, tuple(vectors))
-    return [t.detach() for t in product]
+        def loss_of(*tensors: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(wrapper, dict(zip(names, tensors)), ())
 
+        self._grad_of = torch.func.grad(loss_of, argnums=tuple(range(len(params))))
+        self._primals = tuple(p.detach() for p in params)
 
-def _gradients(closure: LossClosure, params: Sequence[torch.Tensor], create_graph: bool) -> list[torch.Tensor]:
-    loss = closure()
-    grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+    def __call__(self, vectors: Vectors) -> list[torch.Tensor]:
+        with hvp_context(self.model):
+            _, product = torch.func.jvp(self._grad_of, self._primals, tuple(vectors))
+        return [t.detach() for t in product]
 
-
-def hvp_reverse_over_reverse(model: torch.nn.Module, params: Sequence[torch.Tensor], closure: LossClosure,
-                             vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Double backward: differentiate ``<grad(loss), v>`` once more."""
-    grads = _gradients(closure, params, create_graph=True)
-    inner = sum((g * v).sum() for g, v in zip(grads, vectors) if g.requires_grad)
-    if not torch.is_tensor(inner) or not inner.requires_grad:
-        return [torch.zeros_like(p) for p in params]
-    product = torch.autograd.grad(inner, list(params), allow_unused=True)
-    return [torch.zeros_like(p) if h is None else h.detach() for h, p in zip(product, params)]
+    def close(self) -> None:
+        self._primals = ()
 
 
-def hvp_finite_difference(model: torch.nn.Module, params: Sequence[torch.Tensor], closure: LossClosure,
-                          vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Central differences of gradients; the parameters are restored bit for bit afterwards."""
-    with torch.no_grad():
-        saved = [p.detach().clone() for p in params]
-        x_norm = torch.sqrt(sum((s.double() ** 2).sum() for s in saved))
-        v_norm = torch.sqrt(sum((v.double() ** 2).sum() for v in vectors))
-    if v_norm == 0:
-        return [torch.zeros_like(p) for p in params]
-    # The step balances truncation error against rounding error; the rounding comes from the gradient,
-    # which is only as precise as the coarser of the loss and the parameters.
-    with torch.no_grad():
-        loss_dtype = closure().dtype
-    machine_eps = max(torch.finfo(p.dtype).eps for p in params)
-    if loss_dtype.is_floating_point:
-        machine_eps = max(machine_eps, torch.finfo(loss_dtype).eps)
-    step = float(machine_eps ** 0.5 * (1.0 + x_norm) / v_norm)
-    try:
-        with torch.no_grad():
-            for p, s, v in zip(params, saved, vectors):
-                p.copy_(s + step * v)
-        plus = [g.detach() for g in _gradients(closure, params, create_graph=False)]
-        with torch.no_grad():
-            for p, s, v in zip(params, saved, vectors):
-                p.copy_(s - step * v)
-        minus = [g.detach() for g in _gradients(closure, params, create_graph=False)]
-    finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
-    return [(a - b) / (2 * step) for a, b in zip(plus, minus)]
+class GradientGraph:
+    """Products by differentiating ``<grad(loss), v>`` once more, on a gradient graph built once.
+
+    ``loss`` is a scalar whose graph reaches ``params`` (the training step's own loss, or a replay);
+    ``scale`` multiplies it (see ``ds_dho2.curvature.loss_scale``).
+    """
+
+    def __init__(self, loss: torch.Tensor, params: Sequence[torch.Tensor], scale: float = 1.0) -> None:
+        self.params = list(params)
+        with torch.enable_grad():
+            grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, self.params, create_graph=True,
+                                        retain_graph=True, allow_unused=True)
+        self._grads = [g for g in grads]
+        self._live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+
+    def __call__(self, vectors: Vectors) -> list[torch.Tensor]:
+        if not self._live:
+            return [torch.zeros_like(p) for p in self.params]
+        with torch.enable_grad():
+            product = torch.autograd.grad([self._grads[i] for i in self._live], self.params,
+                                          grad_outputs=[vectors[i].to(self._grads[i].dtype) for i in self._live],
+                                          retain_graph=True, allow_unused=True)
+        return [torch.zeros_like(p) if h is None else h.detach() for h, p in zip(product, self.params)]
+
+    def close(self) -> None:
+        self._grads, self._live = [], []
 
 
-_STRATEGIES = {
-    HVPMethod.FORWARD: hvp_forward_over_reverse,
-    HVPMethod.REVERSE: hvp_reverse_over_reverse,
-    HVPMethod.FINITE_DIFFERENCE: hvp_finite_difference,
-}
-_AUTO_ORDER = (HVPMethod.FORWARD, HVPMethod.REVERSE, HVPMethod.FINITE_DIFFERENCE)
+class ReverseOverReverse(GradientGraph):
+    """Double backward on a replayed loss: one forward and one ``create_graph`` backward per session."""
 
-
-class HessianVectorProduct:
-    """Computes ``H v`` with one strategy; ``auto`` tries forward, reverse, finite differences in turn
-    on the first call and keeps the first that works."""
-
-    def __init__(self, method: HVPMethod | str = HVPMethod.AUTO) -> None:
-        self.method = HVPMethod(method) if not isinstance(method, HVPMethod) else method
-        self.resolved: HVPMethod | None = None if self.method is HVPMethod.AUTO else self.method
-
-    def __call__(self, model: torch.nn.Module, params: Sequence[torch.Tensor], closure: LossClosure,
-                 vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def __init__(self, model: torch.nn.Module, params: Sequence[torch.Tensor], closure: LossClosure) -> None:
         with hvp_context(model):
-            if self.resolved is not None:
-                return _STRATEGIES[self.resolved](model, params, closure, vectors)
-            failures = []
-            for method in _AUTO_ORDER:
-                try:
-                    product = _STRATEGIES[method](model, params, closure, vectors)
-                except LossNotFoundError:
-                    raise
-                except Exception as error:  # noqa: BLE001 - any failure means "try the next strategy"
-                    failures.append(f"{method.value}: {type(error).__name__}: {error}")
-                    logger.info("HVP strategy %s unavailable for this model: %s", method.value, error)
-                    continue
-                self.resolved = method
-                logger.info("HVP strategy chosen by 'auto': %s", method.value)
-                return product
-        raise RuntimeError("No Hessian-vector product strategy works for this model:\n" + "\n".join(failures))
+            super().__init__(closure(), params)
+
+
+class FiniteDifference:
+    """Forward differences of gradients, ``(g(x + h v) - g(x)) / h``, with ``g(x)`` computed once.
+
+    The perturbed parameters are passed through ``torch.func.functional_call``: the module's own
+    parameters are never written, so products can run while the training step's graph is still alive
+    (inside ``engine.backward``) and the parameters stay exactly as they were.
+    """
+
+    def __init__(self, model: torch.nn.Module, params: Sequence[torch.Tensor], closure: LossClosure) -> None:
+        self.model, self.params = model, list(params)
+        self._names = ["model." + n for n in _parameter_names(model, params)]
+        self._wrapper = _ClosureModule(model, closure)
+        with hvp_context(model):
+            loss = closure()
+            self._base = [g.detach() for g in _zeros_for_none(
+                torch.autograd.grad(loss, self.params, allow_unused=True), self.params)]
+        machine_eps = max(torch.finfo(p.dtype).eps for p in self.params)
+        if loss.dtype.is_floating_point:
+            machine_eps = max(machine_eps, torch.finfo(loss.dtype).eps)
+        self._relative_step = machine_eps ** 0.5
+        with torch.no_grad():
+            self._x_norm = float(torch.sqrt(sum((p.detach().double() ** 2).sum() for p in self.params)))
+
+    def __call__(self, vectors: Vectors) -> list[torch.Tensor]:
+        with torch.no_grad():
+            v_norm = float(torch.sqrt(sum((v.double() ** 2).sum() for v in vectors)))
+        if v_norm == 0:
+            return [torch.zeros_like(p) for p in self.params]
+        step = self._relative_step * (1.0 + self._x_norm) / v_norm
+        with torch.no_grad():
+            shifted = [p.detach() + step * v.to(p.dtype) for p, v in zip(self.params, vectors)]
+        for tensor in shifted:
+            tensor.requires_grad_(True)
+        with hvp_context(self.model):
+            loss = torch.func.functional_call(self._wrapper, dict(zip(self._names, shifted)), ())
+            plus = _zeros_for_none(torch.autograd.grad(loss, shifted, allow_unused=True), shifted)
+        return [(a.detach() - b).div_(step) for a, b in zip(plus, self._base)]
+
+    def close(self) -> None:
+        self._base = []

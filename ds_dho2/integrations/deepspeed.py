@@ -106,7 +106,8 @@ def check_engine_config(engine: Any) -> None:
 
 
 def bind_engine(engine: Any) -> None:
-    """Bind the engine's DHO2 to its ZeRO partition (or replicated parameters) and attach the module."""
+    """Bind the engine's DHO2 to its ZeRO partition (or replicated parameters), attach the module and
+    hand DHO2 the loss of every ``engine.backward`` (see :func:`route_backward_loss`)."""
     optimizer: DHO2 = engine.basic_optimizer
     stage = engine.zero_optimization_stage()
     if stage == 0:
@@ -114,7 +115,33 @@ def bind_engine(engine: Any) -> None:
     else:
         optimizer.bind_partition(*zero_partition_layout(engine.optimizer, optimizer))
     optimizer.attach(engine.module)
+    route_backward_loss(engine, optimizer)
     logger.info("DHO2 bound to DeepSpeed engine (ZeRO stage %d).", stage)
+
+
+def route_backward_loss(engine: Any, optimizer: DHO2) -> None:
+    """Wrap this engine's ``backward`` so DHO2 sees each loss before DeepSpeed differentiates it.
+
+    Every DeepSpeed loop -- plain ``engine.backward(criterion(engine(x), y))``, the Hugging Face Trainer,
+    accelerate -- hands its loss to ``engine.backward``, whether or not the model returns one; on the
+    steps due for curvature products DHO2 takes them on that loss's graph (``hvp="graph"``, or what
+    ``"auto"`` measures cheapest). Only this engine instance is wrapped.
+    """
+    from ds_dho2.curvature.loss_scale import backward_loss_scale
+
+    original = engine.backward
+    if getattr(original, _WRAPPED_MARKER, False):
+        return
+
+    @functools.wraps(original)
+    def backward(loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        scale_wrt_gas = kwargs.get("scale_wrt_gas", args[1] if len(args) > 1 else True)
+        optimizer.on_backward(loss, backward_loss_scale(engine.gradient_accumulation_steps(), bool(scale_wrt_gas)))
+        return original(loss, *args, **kwargs)
+
+    setattr(backward, _WRAPPED_MARKER, True)
+    engine.backward = backward
+    optimizer.bind_engine_backward(engine.is_gradient_accumulation_boundary)
 
 
 def zero_partition_layout(zero_optimizer: Any, optimizer: DHO2) -> tuple[ShardLayout, TorchDistCommunicator]:

@@ -34,11 +34,11 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 STEPS, GBS = 8, 8
 K = S.EQ_PARAMS["rank"]
-M = 16  # default lanczos order 4k
+M = 16  # lanczos order of the interleaved runs
 
 #: interleaved refresh: starts at step 2, one Lanczos iteration per step, finishes at step 2 + M - 1.
 INTERLEAVED = {"lr": 1e-2, "rank": K, "lanczos_order": M, "refresh_interval": 20, "warmup_steps": 2,
-               "curvature": {"mode": "interleaved", "iterations_per_step": 1}}
+               "hvp": "reverse", "curvature": {"mode": "interleaved", "iterations_per_step": 1, "batch_fraction": 1.0}}
 INTERLEAVED_STEPS = 2 + M  # refresh finishes at step 17, one more step with the new basis
 MID_REFRESH_STEP = 5
 
@@ -393,7 +393,7 @@ def _check_interleaved(ranks: list, world: int) -> None:
     partition = parts[0]["partition_numel"]
     for part in parts:
         assert part["basis_shape"] == (M, partition)  # m x P_r, mid-refresh
-        assert part["basis_dtype"] == "torch.float64"
+        assert part["basis_dtype"] == "torch.float32"  # the default lanczos_dtype
         assert part["eigenvalues_mid"] is None  # still base optimizer until the swap
         assert part["basis_after"] is None  # finished and freed
         assert part["eigvec_shape"] == (K, partition)

@@ -15,9 +15,12 @@ import torch
 IN_FEATURES, HIDDEN, CLASSES = 12, 14, 3
 NUM_PARAMS = IN_FEATURES * HIDDEN + HIDDEN + HIDDEN * CLASSES + CLASSES  # 227
 
-#: DHO2 params for the equality runs: refreshes at steps 2, 5, 8 (blocking), k=4, m=16.
+#: DHO2 params for the equality runs: refreshes at steps 2, 5, 8 (blocking), k=4, m=8. Exact products on
+#: the whole micro-batch (W=4 gives each rank 2 rows, too few for a world-size-invariant strided subset),
+#: and a fixed interval, so every world size runs the same schedule.
 EQ_PARAMS: dict[str, Any] = {"lr": 1e-2, "rank": 4, "refresh_interval": 3, "warmup_steps": 2,
-                             "weight_decay": 0.01}
+                             "weight_decay": 0.01, "hvp": "reverse",
+                             "curvature": {"batch_fraction": 1.0, "max_interval": 3}}
 
 
 class LossModel(torch.nn.Module):

@@ -105,7 +105,8 @@ def minibatches(count: int) -> list:
 def test_resume_from_state_dict_mid_refresh_is_exact(mode: str) -> None:
     batches = minibatches(30)
     model = Classifier()
-    opt = make_optimizer(model, mode, refresh_interval=8, warmup_steps=4, lanczos_order=12, iterations_per_step=3)
+    opt = make_optimizer(model, mode, refresh_interval=8, warmup_steps=4, lanczos_order=12, iterations_per_step=3,
+                         lanczos_dtype="float64")
     train(model, opt, range(0, 13), batches)
     if mode == "interleaved":
         assert opt.local_lanczos_basis is not None, "the checkpoint must be taken mid-refresh"
@@ -115,7 +116,7 @@ def test_resume_from_state_dict_mid_refresh_is_exact(mode: str) -> None:
     resumed = Classifier()
     resumed.load_state_dict(saved_model)
     resumed_opt = make_optimizer(resumed, mode, refresh_interval=8, warmup_steps=4, lanczos_order=12,
-                                 iterations_per_step=3)
+                                 iterations_per_step=3, lanczos_dtype="float64")
     resumed_opt.load_state_dict(saved_opt)
     if mode == "interleaved":
         assert resumed_opt.local_lanczos_basis.dtype == torch.float64

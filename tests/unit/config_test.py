@@ -49,6 +49,14 @@ INVALID = [
     ({"curvature": {"mode": "async"}}, "curvature.mode"),
     ({"curvature": {"iterations_per_step": 0}}, "curvature.iterations_per_step"),
     ({"curvature": {"enabled": 1}}, "curvature.enabled"),
+    ({"curvature": {"batch_fraction": 0.0}}, "curvature.batch_fraction"),
+    ({"curvature": {"batch_fraction": 1.5}}, "curvature.batch_fraction"),
+    ({"curvature": {"warm_start": "yes"}}, "curvature.warm_start"),
+    ({"curvature": {"warm_start_noise": -0.1}}, "curvature.warm_start_noise"),
+    ({"curvature": {"tolerance": 0.0}}, "curvature.tolerance"),
+    ({"curvature": {"max_interval": 0}}, "curvature.max_interval"),
+    ({"refresh_interval": 50, "curvature": {"max_interval": 20}}, "curvature.max_interval"),
+    ({"max_nonfinite_steps": 0}, "max_nonfinite_steps"),
     ({"curvature": "blocking"}, "curvature"),
     ({"admm": 3}, "admm"),
 ]
@@ -110,7 +118,8 @@ def test_from_config_rejects_unknown_keys(overrides, key):
     ({"admm": {"beta": 1, "gamma": 2}}, "Unknown DHO2 config keys in 'admm': 'beta', 'gamma'. Allowed keys: "
      f"{_allowed(ADMMConfig)}."),
     ({"curvature": {"interval": 1}}, "Unknown DHO2 config key in 'curvature': 'interval'. Allowed keys: "
-     "enabled, iterations_per_step, mode."),
+     "batch_fraction, enabled, iterations_per_step, max_interval, mode, tolerance, warm_start, "
+     "warm_start_noise."),
 ])
 def test_exact_messages(overrides, message):
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
@@ -125,7 +134,8 @@ def test_non_mapping_params_rejected(params):
 
 def test_valid_config_defaults_and_round_trip():
     config = DHO2Config.from_dict({"rank": 4, "base": "HeavyBall", "curvature": {"mode": "interleaved"}})
-    assert config.lanczos_order == 16 and config.warmup_steps == config.refresh_interval == 100
+    assert config.lanczos_order == 8 and config.warmup_steps == config.refresh_interval == 100
+    assert config.lanczos_dtype == "float32" and config.max_refresh_interval == 400
     assert config.lr_clip == 3.0 and config.base.value == "heavyball"
     assert DHO2Config.from_dict(config.to_dict()) == config
     assert DHO2Config.from_dict({}).lr_clip == 1.0
@@ -147,7 +157,7 @@ def test_same_parameter_twice_rejected():
 
 
 def test_interleaved_schedule_too_slow_raises():
-    param = torch.nn.Parameter(torch.zeros(3))
+    param = torch.nn.Parameter(torch.zeros(64))
     message = ("Invalid interleaved curvature schedule: lanczos_order=32 at curvature.iterations_per_step=1 takes "
                "32 steps, more than refresh_interval=10.")
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -12,6 +12,8 @@ from ds_dho2 import DHO2
 
 # newton_max_ratio so large that the trust region never triggers: checks the bare DESIGN.md formula.
 EXACT_FORMULA = 1e30
+#: an exact, complete Lanczos run: float64 basis, exact products, no early convergence stop
+EXACT_LANCZOS = {"lanczos_dtype": "float64", "hvp": "reverse", "curvature": {"tolerance": 1e-12}}
 P = 20
 EIGENVALUES = torch.tensor([50.0, 20.0, 8.0] + torch.linspace(2.0, 0.1, P - 3).tolist(), dtype=torch.float64)
 
@@ -87,7 +89,7 @@ def test_three_hybrid_steps_match_reference(base, weight_decay, scheduled):
     lr = 0.01
     opt = DHO2(model.parameters(), lr=lr, weight_decay=weight_decay, base=base, rank=3, lanczos_order=P,
                warmup_steps=1, refresh_interval=100, alpha=0.7, newton_momentum=0.8, seed=3,
-               newton_max_ratio=EXACT_FORMULA)
+               newton_max_ratio=EXACT_FORMULA, **EXACT_LANCZOS)
     opt.attach(model)
     factors = [1.0, 0.5, 0.25]
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: factors[e] if e < 3 else 0.1) if scheduled \
@@ -112,7 +114,7 @@ def test_heavyball_newton_scale_is_clipped_at_lr_clip():
     """lambda_max / lambda_min = 50 / 8 = 6.25 exceeds lr_clip=2; a wrong s would move x differently."""
     model = Quadratic(EIGENVALUES)
     opt = DHO2(model.parameters(), lr=0.01, base="heavyball", rank=3, lanczos_order=P, warmup_steps=1,
-               refresh_interval=100, lr_clip=2.0)
+               refresh_interval=100, lr_clip=2.0, **EXACT_LANCZOS)
     opt.attach(model)
     expected = _reference_steps(model, steps=3, rank=3, base="heavyball", reference_lr=0.01, lr_at=lambda t: 0.01,
                                 lr_clip=2.0)
@@ -184,7 +186,8 @@ def test_param_groups_differing_in_weight_decay_apply_it_per_element():
 
 def _interleaved_opt(model: torch.nn.Module) -> DHO2:
     opt = DHO2(model.parameters(), lr=1e-2, rank=2, lanczos_order=8, refresh_interval=5, warmup_steps=3,
-               alpha=0.5, curvature={"mode": "interleaved", "iterations_per_step": 2}, seed=4)
+               alpha=0.5, lanczos_dtype="float64", seed=4,
+               curvature={"mode": "interleaved", "iterations_per_step": 2, "tolerance": 1e-12, "max_interval": 5})
     return opt.attach(model)
 
 

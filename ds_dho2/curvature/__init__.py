@@ -1,0 +1,6 @@
+"""The curvature tracker: when and how the top-k Hessian eigenbasis is refreshed (DESIGN.md sections 2-3)."""
+
+from ds_dho2.curvature.estimate import estimate_top_eigenpairs
+from ds_dho2.curvature.tracker import CurvatureTracker
+
+__all__ = ["CurvatureTracker", "estimate_top_eigenpairs"]

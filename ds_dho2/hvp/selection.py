@@ -1,0 +1,193 @@
+"""Which Hessian-vector product strategy a refresh uses, chosen by measurement when ``hvp="auto"``.
+
+At the first refresh every available strategy opens a session on the same batch and computes two
+products of one random vector. A strategy is *available* when it runs (fused attention without double
+backward, or a model that ``torch.func`` cannot trace, rules some out) and *agrees* with an exact product
+(finite differences within 5% of reverse/forward mode on the same batch). The cheapest available one is
+kept for the rest of training, where cost = session set-up / expected products per session + one product.
+The choice and every measured cost, in units of one gradient on the full micro-batch where a replay can
+time one, are logged once and kept in :attr:`StrategyChooser.report`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ds_dho2.config import HVPMethod
+from ds_dho2.dist.comm import Communicator, LocalCommunicator
+from ds_dho2.hvp.capture import LossNotFoundError
+from ds_dho2.hvp.strategies import (FiniteDifference, ForwardOverReverse, GradientGraph, ProductSession,
+                                    ReverseOverReverse, hvp_context)
+
+logger = logging.getLogger(__name__)
+
+_AGREEMENT_RTOL = 0.05
+_EXACT = (HVPMethod.REVERSE, HVPMethod.FORWARD)
+_REPLAY = (HVPMethod.FINITE_DIFFERENCE, HVPMethod.REVERSE, HVPMethod.FORWARD)
+_REPLAY_CLASSES = {HVPMethod.FINITE_DIFFERENCE: FiniteDifference, HVPMethod.REVERSE: ReverseOverReverse,
+                   HVPMethod.FORWARD: ForwardOverReverse}
+
+
+class StrategyUnavailable(RuntimeError):
+    """The configured strategy cannot run in this training loop; the message says what to change."""
+
+
+@dataclasses.dataclass
+class ProductInputs:
+    """What this step offers for products: a replay of the captured batch (``replay``, a loss closure on
+    the configured fraction of it, and ``full_replay`` on all of it, used to time one gradient) and/or the
+    training step's own loss (``graph_loss``, to be multiplied by ``graph_scale``)."""
+
+    model: torch.nn.Module
+    params: Sequence[torch.Tensor]
+    replay: Callable[[], torch.Tensor] | None = None
+    full_replay: Callable[[], torch.Tensor] | None = None
+    graph_loss: torch.Tensor | None = None
+    graph_scale: float = 1.0
+
+    def available(self) -> list[HVPMethod]:
+        methods = list(_REPLAY) if self.replay is not None else []
+        return methods + ([HVPMethod.GRAPH] if self.graph_loss is not None else [])
+
+
+def open_session(method: HVPMethod, inputs: ProductInputs) -> ProductSession:
+    """Open a products session of ``method`` on ``inputs``."""
+    if method is HVPMethod.GRAPH:
+        if inputs.graph_loss is None:
+            raise StrategyUnavailable(
+                "hvp='graph' needs the training loss from engine.backward(loss); this step's loss did not go "
+                "through a DeepSpeed engine bound to DHO2. Call engine.backward(loss), or set hvp to 'auto'.")
+        return GradientGraph(inputs.graph_loss, inputs.params, inputs.graph_scale)
+    if inputs.replay is None:
+        raise StrategyUnavailable(
+            f"hvp={method.value!r} replays the captured batch, but the model output carries no loss and no "
+            "loss_fn was given. Return the loss from forward, pass attach(model, loss_fn=...), or train "
+            "through engine.backward(loss) with hvp 'auto' or 'graph'.")
+    return _REPLAY_CLASSES[method](inputs.model, inputs.params, inputs.replay)
+
+
+def _probe(params: Sequence[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return [torch.randn(p.shape, generator=generator, dtype=torch.float32).to(device=p.device, dtype=p.dtype)
+            for p in params]
+
+
+def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1).double() for t in tensors])
+
+
+def _seconds(fn: Callable[[], Any]) -> tuple[Any, float]:
+    started = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - started
+
+
+def _gradient_seconds(inputs: ProductInputs) -> float | None:
+    if inputs.full_replay is None:
+        return None
+
+    def gradient() -> None:
+        with hvp_context(inputs.model):
+            torch.autograd.grad(inputs.full_replay(), list(inputs.params), allow_unused=True)
+
+    gradient()  # warm-up
+    return min(_seconds(gradient)[1] for _ in range(2))
+
+
+class StrategyChooser:
+    """Opens product sessions with the configured strategy, or with the cheapest measured one (``auto``)."""
+
+    def __init__(self, method: HVPMethod, seed: int = 0) -> None:
+        self.method = method
+        self.seed = seed
+        self.resolved: HVPMethod | None = None if method is HVPMethod.AUTO else method
+        self.report: dict[str, Any] = {}
+
+    def open(self, inputs: ProductInputs, expected_products: int,
+             comm: Communicator | None = None) -> ProductSession:
+        """A session for this step: the resolved strategy, a fallback, or (first time, ``auto``) the winner
+        of a measurement. ``comm`` joins the ranks that must make the same choice (costs are summed
+        over them, and a strategy unavailable on one rank is unavailable on all)."""
+        if self.resolved is None:
+            return self._choose(inputs, max(1, expected_products), comm or LocalCommunicator())
+        available = inputs.available()
+        if self.method is HVPMethod.AUTO and self.resolved not in available and available:
+            # e.g. the graph was chosen but this step's loss did not pass through engine.backward
+            fallback = HVPMethod.GRAPH if HVPMethod.GRAPH in available else available[0]
+            logger.info("DHO2: hvp %s unavailable at this step; using %s.", self.resolved.value, fallback.value)
+            return open_session(fallback, inputs)
+        return open_session(self.resolved, inputs)
+
+    def _choose(self, inputs: ProductInputs, expected_products: int, comm: Communicator) -> ProductSession:
+        candidates = inputs.available()
+        if not candidates:
+            raise LossNotFoundError(
+                "DHO2 has no way to compute curvature: the model output carries no loss, no loss_fn was given, "
+                "and the loss did not pass through engine.backward. Return the loss from forward, call "
+                "attach(model, loss_fn=...), or train through a DeepSpeed engine.")
+        probe = _probe(inputs.params, self.seed)
+        measured: dict[HVPMethod, dict[str, Any]] = {}
+        sessions: dict[HVPMethod, ProductSession] = {}
+        products: dict[HVPMethod, torch.Tensor] = {}
+        for method in candidates:
+            try:
+                session, open_seconds = _seconds(lambda method=method: open_session(method, inputs))
+                first, first_seconds = _seconds(lambda: session(probe))
+                second, second_seconds = _seconds(lambda: session(probe))
+            except LossNotFoundError:
+                raise
+            except Exception as error:  # noqa: BLE001 - any failure means "not available for this model"
+                measured[method] = {"available": False, "error": f"{type(error).__name__}: {error}"[:300]}
+                logger.info("DHO2: hvp strategy %s unavailable for this model: %s", method.value, error)
+                continue
+            flat = _flat(second)
+            if not torch.isfinite(flat).all() or not torch.allclose(_flat(first), flat, rtol=1e-3, atol=1e-6 * (
+                    float(flat.abs().max()) + 1e-30)):
+                measured[method] = {"available": False, "error": "non-finite or non-repeatable products"}
+                session.close()
+                continue
+            cost = open_seconds / expected_products + min(first_seconds, second_seconds)
+            measured[method] = {"available": True, "seconds_per_product": cost}
+            sessions[method], products[method] = session, flat
+        reference = next((products[m] for m in _EXACT if m in products), None)
+        if HVPMethod.FINITE_DIFFERENCE in products and reference is not None:
+            error = float((products[HVPMethod.FINITE_DIFFERENCE] - reference).norm() / reference.norm().clamp_min(1e-30))
+            measured[HVPMethod.FINITE_DIFFERENCE]["relative_error"] = error
+            if error > _AGREEMENT_RTOL:
+                measured[HVPMethod.FINITE_DIFFERENCE]["available"] = False
+                sessions.pop(HVPMethod.FINITE_DIFFERENCE).close()
+        order = list(HVPMethod)
+        costs = torch.tensor([measured[m]["seconds_per_product"] if m in sessions else float("inf") for m in order],
+                             dtype=torch.float64, device=inputs.params[0].device)
+        costs = comm.all_reduce(costs).cpu()  # the same choice on every rank
+        usable = {m: float(c) for m, c in zip(order, costs) if m in sessions and torch.isfinite(c)}
+        for method in list(sessions):
+            if method not in usable:
+                measured[method].update(available=False, error="unavailable on another rank")
+        if not usable:
+            reasons = "; ".join(f"{m.value}: {info.get('error')}" for m, info in measured.items())
+            raise RuntimeError(f"No Hessian-vector product strategy works for this model ({reasons}).")
+        chosen = min(usable, key=usable.get)
+        unit = _gradient_seconds(inputs)
+        for method, info in measured.items():
+            if unit and info.get("available"):
+                info["gradients_per_product"] = info["seconds_per_product"] / unit
+        for method, session in sessions.items():
+            if method is not chosen:
+                session.close()
+        del products
+        self.resolved = chosen
+        self.report = {"chosen": chosen.value, "gradient_seconds": unit,
+                       "candidates": {m.value: info for m, info in measured.items()}}
+        summary = ", ".join(
+            f"{m.value} {info['gradients_per_product']:.2f}" if "gradients_per_product" in info else
+            f"{m.value} {info['seconds_per_product'] * 1e3:.1f} ms" if info.get("available") else
+            f"{m.value} unavailable" for m, info in measured.items())
+        logger.info("DHO2 hvp 'auto' chose %s (cost per product%s: %s).", chosen.value,
+                    " in gradients" if unit else "", summary)
+        return sessions[chosen]
