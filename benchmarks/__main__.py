@@ -9,6 +9,7 @@ SUITES = {
     "overlap": "benchmarks.overlap",
     "scaling": "benchmarks.memory_scaling",
     "convergence": "benchmarks.convergence",
+    "curvature": "benchmarks.curvature",
 }
 
 

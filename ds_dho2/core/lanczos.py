@@ -83,14 +83,14 @@ class LanczosRun:
             raise ValueError(f"Invalid {order=}. Must be >= 1.")
         run = cls({
             "order": order, "basis": torch.zeros(order, start.numel(), dtype=start.dtype, device=start.device),
-            "alphas": [], "betas": [], "next_vector": torch.zeros_like(start), "finished": False,
-            "stop_reason": "", "rank": rank, "tolerance": tolerance, "eig_floor": eig_floor,
+            "alphas": [], "betas": [], "finished": False, "stop_reason": "", "rank": rank,
+            "tolerance": tolerance, "eig_floor": eig_floor,
         })
         norm = run._norm(start, comm)
         if not torch.isfinite(norm) or norm == 0:
             run._stop("start vector has zero or non-finite norm")
         else:
-            run.state["next_vector"] = start / norm
+            torch.div(start, norm, out=run.state["basis"][0])
         return run
 
     @property
@@ -108,7 +108,6 @@ class LanczosRun:
 
     def _stop(self, reason: str) -> None:
         self.state["finished"], self.state["stop_reason"] = True, reason
-        self.state["next_vector"] = None  # one less vector held until the run is installed
 
     @staticmethod
     def _dot(a: torch.Tensor, b: torch.Tensor, comm: Communicator) -> torch.Tensor:
@@ -130,14 +129,14 @@ class LanczosRun:
         if self.finished:
             return
         state, j = self.state, self.iterations
-        basis, q = state["basis"], state["next_vector"]
+        basis = state["basis"]
+        q = basis[j]  # the current Lanczos vector lives in its basis row: no separate vector is held
         product = matvec(q).to(basis.dtype)
         finite = comm.all_reduce(torch.isfinite(product).all().to(torch.float64).reshape(1))
         if finite.item() < comm.world_size:
             self._stop(f"non-finite Hessian-vector product at iteration {j}")
             logger.warning("Lanczos stopped early: %s; keeping %d iterations.", self.stop_reason, j)
             return
-        basis[j].copy_(q)
         alpha = self._dot(product, q, comm)
         w = product.sub_(q, alpha=float(alpha))
         if j > 0:
@@ -157,7 +156,7 @@ class LanczosRun:
             self._stop(f"converged after {j + 1} iterations")
             return
         state["betas"].append(beta)
-        state["next_vector"] = w.div_(beta)
+        torch.div(w, beta, out=basis[j + 1])
 
     def _converged(self, next_beta: float) -> bool:
         tolerance, rank = self.state.get("tolerance"), self.state.get("rank")
