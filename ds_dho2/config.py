@@ -36,6 +36,14 @@ class HVPMethod(str, enum.Enum):
     GRAPH = "graph"
 
 
+class ADMMExtrapolation(str, enum.Enum):
+    """How the window-end extrapolation moves the parameters (see ``ds_dho2.core.admm``)."""
+
+    JUMP = "jump"
+    SPREAD = "spread"
+    CHECKED = "checked"
+
+
 class CurvatureMode(str, enum.Enum):
     """``BLOCKING`` runs all Lanczos iterations at the refresh step; ``INTERLEAVED`` spreads them over steps."""
 
@@ -113,7 +121,10 @@ class ADMMConfig:
     scaled down so that its global norm never exceeds ``max_extrapolation_ratio * ||x||``.
     ``dual_decay`` multiplies ``y`` after each window end (1.0 = the literal rule, where ``y/rho``
     accumulates every past window's displacement; 0.0 = extrapolate by the last window's displacement
-    only). ``window=None`` means "the curvature refresh interval".
+    only). ``window=None`` means "the curvature refresh interval". ``extrapolation``: ``"spread"`` applies
+    the extrapolation in equal parts over the next window (no jump at window ends), ``"jump"`` applies it
+    at once (the literal rule), ``"checked"`` (the default) applies it at once only if the loss on the
+    curvature batch does not rise, and falls back to ``"spread"`` when that loss cannot be re-evaluated.
     """
 
     enabled: bool = False
@@ -121,6 +132,7 @@ class ADMMConfig:
     window: int | None = None
     max_extrapolation_ratio: float = 0.05
     dual_decay: float = 1.0
+    extrapolation: ADMMExtrapolation = ADMMExtrapolation.CHECKED
 
     def __post_init__(self) -> None:
         _check_bool("admm.enabled", self.enabled)
@@ -129,6 +141,8 @@ class ADMMConfig:
             _check_int("admm.window", self.window, low=1)
         _check_number("admm.max_extrapolation_ratio", self.max_extrapolation_ratio, low=0.0)
         _check_number("admm.dual_decay", self.dual_decay, low=0.0, high=1.0)
+        object.__setattr__(self, "extrapolation", _to_enum("admm.extrapolation", self.extrapolation,
+                                                           ADMMExtrapolation))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

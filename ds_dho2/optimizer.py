@@ -21,16 +21,18 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from ds_dho2 import checkpoint
 from ds_dho2 import state_keys as K
-from ds_dho2.config import BaseOptimizer, DHO2Config, HVPMethod
+from ds_dho2.config import ADMMExtrapolation, BaseOptimizer, DHO2Config, HVPMethod
 from ds_dho2.core import hybrid
-from ds_dho2.core.admm import admm_window_end
+from ds_dho2.core.admm import window_end_extrapolation
 from ds_dho2.core.first_order import adamw_direction, heavyball_direction
 from ds_dho2.curvature.tracker import CurvatureTracker
 from ds_dho2.dist.comm import Communicator, LocalCommunicator
 from ds_dho2.dist.layout import ShardLayout
 from ds_dho2.hvp.capture import BatchCapture, LossFn, LossNotFoundError
 from ds_dho2.hvp.selection import ProductInputs
+from ds_dho2.hvp.strategies import loss_at
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +219,8 @@ class DHO2(torch.optim.Optimizer):
     def _ensure_state(self) -> dict:
         """The per-shard state, created on first use (also by a backward before the first step)."""
         group = self.param_groups[0]
+        if checkpoint.GROUP_KEY in group:  # a universal-checkpoint load wrote the saved form in place
+            self.adopt_checkpoint_state(universal=True)
         key = group["params"][0]
         state = self.state[key]
         layout = self._current_layout()
@@ -238,6 +242,7 @@ class DHO2(torch.optim.Optimizer):
                 K.SKIPPED_STEPS: torch.zeros((), dtype=torch.float32, device=device),
                 K.ADMM_DUAL: torch.zeros(numel, dtype=dtype, device=device) if self.config.admm.enabled else None,
                 K.ADMM_ANCHOR: self._flat_x().clone() if self.config.admm.enabled else None,
+                K.ADMM_PENDING: None, K.ADMM_PENDING_STEPS: 0, K.ADMM_WINDOWS: 0, K.ADMM_ACCEPTED: 0,
             })
             state[K.CURVATURE] = curvature
         if not torch.is_tensor(state.get(K.APPLIED_STEPS)):  # a checkpoint of a plain-int step counter
@@ -427,6 +432,11 @@ class DHO2(torch.optim.Optimizer):
                                           newton_max_ratio=cfg.newton_max_ratio)
             stats.update(subspace_grad_fraction=split.coefficients.norm() / split.grad_sq.clamp_min(1e-300).sqrt(),
                          newton_trust_scale=finish.trust_scale)
+        if curvature.get(K.ADMM_PENDING_STEPS):
+            direction.add_(curvature[K.ADMM_PENDING])  # the spread extrapolation's share of this step
+            curvature[K.ADMM_PENDING_STEPS] -= 1
+            if curvature[K.ADMM_PENDING_STEPS] == 0:
+                curvature[K.ADMM_PENDING] = None
         self._apply(group, direction, keep, lr)
         curvature[K.NONFINITE_STREAK].add_(1).mul_(1 - keep)
         torch.maximum(curvature[K.NONFINITE_MAX_STREAK], curvature[K.NONFINITE_STREAK],
@@ -469,16 +479,72 @@ class DHO2(torch.optim.Optimizer):
         torch._foreach_add_(tensors, views)
 
     def _admm_window_end(self, curvature: dict) -> None:
+        """The window end of DESIGN.md section 4, with the configured extrapolation (``core/admm.py``)."""
+        cfg = self.config.admm
+        mode = cfg.extrapolation
+        replay = self._capture.replay_closure(self.config.curvature.batch_fraction) \
+            if self._capture is not None and self._capture.can_replay else None
+        if mode is ADMMExtrapolation.CHECKED and replay is None:
+            self._warn_once("admm_checked", "DHO2 admm.extrapolation='checked' needs a loss it can re-evaluate (a "
+                            "loss in the model output or attach(model, loss_fn=...)); spreading instead.")
+            mode = ADMMExtrapolation.SPREAD
         x = self._flat_x()
-        result = admm_window_end(x, curvature[K.ADMM_DUAL], curvature[K.ADMM_ANCHOR], rho=self.config.admm.rho,
-                                 max_extrapolation_ratio=self.config.admm.max_extrapolation_ratio, comm=self._comm,
-                                 dual_decay=self.config.admm.dual_decay)
+        dual, anchor = curvature[K.ADMM_DUAL], curvature[K.ADMM_ANCHOR]
+        lag = before = None
+        if mode is ADMMExtrapolation.CHECKED:
+            lag = self._module_lag(x)
+            before = self._admm_loss(replay, lag)
+        result = window_end_extrapolation(x, dual, anchor, rho=cfg.rho, max_extrapolation_ratio=cfg.max_extrapolation_ratio,
+                                          comm=self._comm)
+        curvature[K.ADMM_WINDOWS] = curvature.get(K.ADMM_WINDOWS, 0) + 1
+        accepted = result.extrapolation is not None
+        if accepted and mode is ADMMExtrapolation.SPREAD:
+            anchor.copy_(x).add_(result.extrapolation)  # the next window's displacement excludes the spread part
+            curvature[K.ADMM_PENDING] = result.extrapolation.div_(self.config.admm_window)
+            curvature[K.ADMM_PENDING_STEPS] = self.config.admm_window
+        elif accepted:
+            if mode is ADMMExtrapolation.CHECKED:
+                after = self._admm_loss(replay, result.extrapolation if lag is None else lag + result.extrapolation)
+                accepted = bool(after <= before)
+            if accepted:
+                x.add_(result.extrapolation)
+                self._write_back(x)
+                anchor.copy_(x)
+            else:
+                dual.zero_()
+                anchor.copy_(x)
+        if accepted and cfg.dual_decay != 1.0:
+            dual.mul_(cfg.dual_decay)
+        curvature[K.ADMM_ACCEPTED] = curvature.get(K.ADMM_ACCEPTED, 0) + int(accepted)
+        self.tracker.stats.update(admm_extrapolation_norm=result.extrapolation_norm, admm_safeguard_scale=result.scale,
+                                  admm_accepted=float(accepted),
+                                  admm_acceptance_rate=curvature[K.ADMM_ACCEPTED] / curvature[K.ADMM_WINDOWS])
+
+    def _module_lag(self, x: torch.Tensor) -> torch.Tensor | None:
+        """This step's update that the module's parameters do not hold yet (ZeRO copies the partition into
+        them after ``step()``), as this rank's slice; None when they already hold it."""
         if not self._partitioned:
-            params = self.param_groups[0]["params"]
-            for p, chunk in zip(params, x.split([p.numel() for p in params])):
-                p.data.copy_(chunk.view_as(p))
-        self.tracker.stats.update(admm_extrapolation_norm=result.extrapolation_norm,
-                                  admm_safeguard_scale=result.scale)
+            return None
+        layout = self._current_layout()
+        module = layout.flatten([p.detach() for p in layout.params], dtype=x.dtype)
+        return x - layout.local_slice(module)
+
+    def _admm_loss(self, replay: Callable[[], torch.Tensor], shift: torch.Tensor | None) -> float:
+        """The mean over ranks of the curvature batch's loss at the module's parameters (+ ``shift``)."""
+        layout = self._current_layout()
+        shifts = None
+        if shift is not None:
+            full = self._comm.all_gather(shift)[: layout.total_numel]
+            shifts = layout.unflatten(full)
+        loss = loss_at(self._capture.model, layout.params, replay, shifts).double().reshape(1)
+        return float(self._batch_comm.all_reduce_mean(loss))
+
+    def _write_back(self, x: torch.Tensor) -> None:
+        if self._partitioned:
+            return
+        params = self.param_groups[0]["params"]
+        for p, chunk in zip(params, x.split([p.numel() for p in params])):
+            p.data.copy_(chunk.view_as(p))
 
     def _check_nonfinite(self, state: dict, step: int) -> None:
         """Every ``max_nonfinite_steps`` steps read one flag: stop a run whose gradients stay non-finite."""
@@ -500,17 +566,61 @@ class DHO2(torch.optim.Optimizer):
                 "gradient clipping or fix the loss; raise max_nonfinite_steps to tolerate longer runs of bad steps.")
 
     # -------------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """The saved form of the state (:mod:`ds_dho2.checkpoint`): partitioned curvature tensors as flat 1-D
+        entries (``dho2_eigenvectors_<i>``, ...), everything replicated as plain values in
+        ``param_groups[0]["dho2_replicated"]``. DeepSpeed's regular and universal checkpoints both carry it."""
+        return checkpoint.pack_state_dict(super().state_dict())
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Like ``torch.optim.Optimizer.load_state_dict`` but keeps the curvature state's dtypes (float64
         eigenvalues, the Lanczos basis) instead of casting them to the parameters' dtype, and never aliases
-        the tensors of the state dict it was given."""
-        curvature_by_index = {index: copy.deepcopy(entry.get(K.CURVATURE))
-                              for index, entry in state_dict["state"].items() if isinstance(entry, dict)}
-        super().load_state_dict(state_dict)
+        the tensors of the state dict it was given. Reads the saved form of :meth:`state_dict` and the
+        nested form earlier versions saved."""
+        entries = {index: entry for index, entry in state_dict["state"].items() if isinstance(entry, dict)}
+        flat_by_index = {index: {k: v for k, v in entry.items() if checkpoint.is_flat_key(k)}
+                         for index, entry in entries.items()}
+        nested_by_index = {index: copy.deepcopy(entry.get(K.CURVATURE)) for index, entry in entries.items()}
+        state = dict(state_dict["state"])
+        for index, entry in entries.items():
+            state[index] = {k: v for k, v in entry.items() if k != K.CURVATURE and not checkpoint.is_flat_key(k)}
+        groups = [dict(group) for group in state_dict["param_groups"]]
+        replicated = groups[0].pop(checkpoint.GROUP_KEY, None) if groups else None
+        super().load_state_dict({**state_dict, "state": state, "param_groups": groups})
         params = [p for group in self.param_groups for p in group["params"]]
-        for index, curvature in curvature_by_index.items():
+        for index, curvature in nested_by_index.items():
             if curvature is not None:
                 self.state[params[index]][K.CURVATURE] = curvature
+        if replicated is not None:
+            index = replicated.get("state_index", 0)
+            param = params[index]
+            flat = {k: v.to(param.device) for k, v in flat_by_index.get(index, {}).items()}
+            self.state[param] = checkpoint.unpack_entry({**self.state[param], **flat}, replicated,
+                                                        device=param.device, copy=True)
+
+    def adopt_checkpoint_state(self, universal: bool = False) -> bool:
+        """Turn the saved form that a DeepSpeed universal-checkpoint load wrote straight into the state and
+        param group (it never calls :meth:`load_state_dict`) into live state, laid out for this run's
+        partition. True when something was adopted. With ``universal``, state without DHO2's saved form (a
+        checkpoint converted by DeepSpeed's own ds_to_universal) raises
+        :class:`~ds_dho2.checkpoint.CheckpointFormatError` naming ``ds-dho2 to-universal``."""
+        group = self.param_groups[0]
+        key = group["params"][0]
+        replicated = group.pop(checkpoint.GROUP_KEY, None)
+        state = self.state.get(key)
+        if replicated is None:
+            if universal and state and K.CURVATURE not in state:
+                raise checkpoint.CheckpointFormatError(checkpoint.missing_state_message(
+                    f"no '{checkpoint.GROUP_KEY}' in its param_groups"))
+            return False
+        layout = self._current_layout()
+        self.state[key] = checkpoint.unpack_entry(
+            dict(state or {}), replicated, device=key.device, copy=False, universal=True,
+            current_layout=(layout.world_size, layout.partition_numel, layout.total_numel))
+        logger.info("DHO2 adopted its checkpointed state for world size %d (saved at world size %d).",
+                    layout.world_size, replicated["layout"]["world_size"])
+        self._ensure_state()
+        return True
 
     def curvature_stats(self) -> dict[str, Any]:
         """The latest eigenvalues, subspace gradient fraction, refresh time, HVP strategy and cost, trust

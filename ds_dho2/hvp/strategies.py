@@ -141,6 +141,18 @@ class ReverseOverReverse(GradientGraph):
             super().__init__(closure(), params)
 
 
+def loss_at(model: torch.nn.Module, params: Sequence[torch.Tensor], closure: LossClosure,
+            shifts: Vectors | None = None) -> torch.Tensor:
+    """The closure's loss (dropout off, no graph) with ``params + shifts`` in place of ``params``; the
+    module's own parameters are never written."""
+    with torch.no_grad(), hvp_context(model), torch.no_grad():
+        if shifts is None:
+            return closure().detach()
+        names = ["model." + n for n in _parameter_names(model, params)]
+        moved = [p.detach() + s.to(p.dtype) for p, s in zip(params, shifts)]
+        return torch.func.functional_call(_ClosureModule(model, closure), dict(zip(names, moved)), ()).detach()
+
+
 class FiniteDifference:
     """Forward differences of gradients, ``(g(x + h v) - g(x)) / h``, with ``g(x)`` computed once.
 
