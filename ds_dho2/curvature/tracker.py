@@ -234,6 +234,13 @@ class CurvatureTracker:
         state[K.INTERVAL] = self.schedule.adapt(state[K.INTERVAL], rotation)
         self.stats.update(eigenvalues=[float(v) for v in selection.values], rank=int(selection.values.numel()),
                           subspace_rotation=rotation, refresh_interval=state[K.INTERVAL])
+        if _global_rank() == 0:
+            values = self.stats["eigenvalues"]
+            logger.info("DHO2 curvature refresh at step %s: %.2f s, top eigenvalues %s%s, hvp %s, %d Lanczos "
+                        "iterations, %s start.", self.stats.get("refresh_step"),
+                        self.stats.get("refresh_seconds", 0.0), ", ".join(f"{v:.4g}" for v in values[:4]),
+                        f" (of {len(values)})" if len(values) > 4 else "", self.stats.get("hvp_strategy", "?"),
+                        run.iterations, "warm" if self.stats.get("warm_start") else "cold")
         return True
 
     def _end_run(self, step: int, installed: bool) -> None:
@@ -258,6 +265,14 @@ class CurvatureTracker:
         state[K.BASIS_VERSION] += 1
         state[K.INTERVAL] = self.config.refresh_interval
         self._basis = None
+
+
+def _global_rank() -> int:
+    """This process's global rank (0 without torch.distributed): under ZeRO-0 the tracker's communicators
+    are local or the data-parallel group, so ask torch.distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
 
 
 def _to_device(value: Any, device: torch.device) -> Any:

@@ -120,28 +120,66 @@ def bind_engine(engine: Any) -> None:
 
 
 def route_backward_loss(engine: Any, optimizer: DHO2) -> None:
-    """Wrap this engine's ``backward`` so DHO2 sees each loss before DeepSpeed differentiates it.
+    """Wrap this engine's ``backward`` so DHO2 sees each loss DeepSpeed differentiates.
 
     Every DeepSpeed loop -- plain ``engine.backward(criterion(engine(x), y))``, the Hugging Face Trainer,
     accelerate -- hands its loss to ``engine.backward``, whether or not the model returns one; on the
     steps due for curvature products DHO2 takes them on that loss's graph (``hvp="graph"``, or what
     ``"auto"`` measures cheapest). Only this engine instance is wrapped.
+
+    Products on the loss's graph run *after* DeepSpeed's own backward, which then keeps the graph
+    (``retain_graph=True``): ``engine.forward`` hooks its outputs so that the first backward through them
+    opens DeepSpeed's backward (ZeRO's prologue, and an epilogue that reduces the gradients) and divides
+    their gradient by the accumulation steps. Taken first, DHO2's products would consume that once-per-forward
+    prologue, run the reduction on empty buckets and be scaled by ``1 / gradient_accumulation_steps``; taken
+    after it, with those two hooks bypassed while DHO2 differentiates (:func:`_bypass_output_hooks`), they
+    leave DeepSpeed's state alone. Products on a replay of the batch never pass through those hooks.
     """
     from ds_dho2.curvature.loss_scale import backward_loss_scale
 
     original = engine.backward
     if getattr(original, _WRAPPED_MARKER, False):
         return
+    products = _bypass_output_hooks(engine)
 
     @functools.wraps(original)
     def backward(loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         scale_wrt_gas = kwargs.get("scale_wrt_gas", args[1] if len(args) > 1 else True)
-        optimizer.on_backward(loss, backward_loss_scale(engine.gradient_accumulation_steps(), bool(scale_wrt_gas)))
-        return original(loss, *args, **kwargs)
+        scale = backward_loss_scale(engine.gradient_accumulation_steps(), bool(scale_wrt_gas))
+        if not (loss.requires_grad and optimizer._graph_products_due()):
+            optimizer.on_backward(loss, scale)
+            return original(loss, *args, **kwargs)
+        if args:
+            args = (True, *args[1:])
+        else:
+            kwargs["retain_graph"] = True
+        result = original(loss, *args, **kwargs)
+        products["running"] = True
+        try:
+            optimizer.on_backward(loss, scale)
+        finally:
+            products["running"] = False
+        return result
 
     setattr(backward, _WRAPPED_MARKER, True)
     engine.backward = backward
     optimizer.bind_engine_backward(engine.is_gradient_accumulation_boundary)
+
+
+def _bypass_output_hooks(engine: Any) -> dict[str, bool]:
+    """Make this engine's output backward hooks (DeepSpeed 0.19: ``_backward_prologue`` and
+    ``_backward_prologue_per_tensor``, looked up on the engine at every forward / backward) do nothing while
+    the returned flag ``["running"]`` is set. Versions without them are left as they are."""
+    flag = {"running": False}
+    prologue = getattr(engine, "_backward_prologue", None)
+    per_tensor = getattr(engine, "_backward_prologue_per_tensor", None)
+    if callable(prologue):
+        engine._backward_prologue = functools.wraps(prologue)(
+            lambda *args, **kwargs: None if flag["running"] else prologue(*args, **kwargs))
+    if callable(per_tensor):
+        engine._backward_prologue_per_tensor = functools.wraps(per_tensor)(
+            lambda grad: grad if flag["running"] else per_tensor(grad))
+    return flag
 
 
 def zero_partition_layout(zero_optimizer: Any, optimizer: DHO2) -> tuple[ShardLayout, TorchDistCommunicator]:

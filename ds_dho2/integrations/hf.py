@@ -10,8 +10,8 @@ Two ways to train with DHO2 under :class:`transformers.Trainer`:
 * **No DeepSpeed**: ``Trainer(..., optimizer_cls_and_kwargs=dho2_optimizer_cls_and_kwargs(lr=...))``. The
   Trainer passes its decay / no-decay parameter groups, which DHO2 merges (groups may differ only in
   ``weight_decay``). The Trainer does **not** pass ``learning_rate`` to a class given this way: give
-  ``lr`` (the peak rate) here. DHO2 must learn the model (``DHO2.attach``): :class:`DHO2CurvatureCallback`
-  does that in ``on_train_begin`` when the optimizer is not attached yet.
+  ``lr`` (the peak rate) here. DHO2 must learn the model (``DHO2.attach``): :class:`DHO2CurvatureCallback`,
+  which every Trainer gets after ``import ds_dho2``, does that in ``on_train_begin``.
 
 Learning rate, ``alpha`` and ``"auto"``
 ---------------------------------------
@@ -30,22 +30,27 @@ HF fills ``"auto"`` only in ``optimizer.params.{lr, betas, eps, weight_decay}`` 
 
 Curvature statistics in the logs
 --------------------------------
-:class:`DHO2CurvatureCallback` adds ``dho2/eigenvalue_max``, ``dho2/eigenvalue_min``, ``dho2/rank``,
-``dho2/subspace_grad_fraction``, ``dho2/refresh_seconds``, ``dho2/refresh_count``, ``dho2/refresh_step``,
-``dho2/lanczos_iterations`` and (with ADMM) ``dho2/admm_extrapolation_norm`` / ``dho2/admm_safeguard_scale``
-to every log, and asks the Trainer to log at each step where a curvature refresh completed.
+After ``import ds_dho2`` (and so under ``ds-dho2 run``) every Trainer gets a :class:`DHO2CurvatureCallback`
+first in its callback list (:mod:`ds_dho2.integrations.trainer_hook`); it does nothing unless the
+Trainer's optimizer is DHO2. Once a refresh has run it adds :func:`curvature_log_entries` to every training
+log: ``dho2/eigenvalue_max``, ``dho2/eigenvalue_min``, ``dho2/rank``, the HVP strategy in use
+(``dho2/hvp_strategy_<name>`` = 1) and, when ``hvp="auto"`` measured it, its cost
+(``dho2/hvp_gradients_per_product``), ``dho2/refresh_interval``, ``dho2/subspace_rotation``,
+``dho2/newton_trust_scale``, ``dho2/subspace_grad_fraction``, ``dho2/refresh_seconds``,
+``dho2/refresh_count``, ``dho2/refresh_step``, ``dho2/lanczos_iterations``, ``dho2/warm_start`` and, with
+ADMM, the ``dho2/admm_*`` entries: every numeric entry of ``DHO2.curvature_stats()``. It asks the Trainer to
+log at each step where a refresh completed, and on rank 0 warns at the start of training when the run ends
+before the first refresh (``max_steps < warmup_steps``).
 
 In transformers 5 ``Trainer.log`` appends a *copy* of ``logs`` to ``state.log_history`` before the
 callbacks' ``on_log`` run, and reporting callbacks (TensorBoard, W&B, ...) are registered before user
-callbacks. The callback therefore also updates the entry just appended to ``state.log_history``; to make
-reporters and the console see the statistics, register it with :func:`add_curvature_callback`, which
-puts it first in the callback list (``Trainer(callbacks=[DHO2CurvatureCallback()])`` still fills
-``log_history`` and the console printer, but reporters registered through ``report_to`` miss them).
+callbacks. The callback therefore also updates the entry just appended to ``state.log_history``, and it
+must run before the reporters and the console printer: the automatic installation and
+:func:`add_curvature_callback` both put it first, and a Trainer never holds more than one.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from typing import Any
@@ -59,8 +64,8 @@ from ds_dho2.optimizer import DHO2
 logger = logging.getLogger(__name__)
 
 PREFIX = "dho2/"
-_SCALAR_STATS = ("subspace_grad_fraction", "refresh_seconds", "refresh_count", "refresh_step",
-                 "lanczos_iterations", "admm_extrapolation_norm", "admm_safeguard_scale")
+# curvature_stats() entries logged in a form of their own (or not at all).
+_SPECIAL_STATS = ("eigenvalues", "hvp_strategy", "hvp_report", "rank")
 # Attributes through which HF / accelerate / DeepSpeed wrappers reach the optimizer they wrap.
 _WRAPPER_ATTRIBUTES = ("basic_optimizer", "optimizer", "_optimizer", "base_optimizer", "opt", "inner_optimizer")
 
@@ -95,28 +100,54 @@ def find_dho2(obj: Any, max_depth: int = 8) -> DHO2 | None:
     return None
 
 
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float if it is a number (a bool counts as 0 / 1, a 1-element tensor as its
+    value), else None."""
+    if torch.is_tensor(value):
+        if value.numel() != 1:
+            return None
+        value = value.item()
+    if isinstance(value, (bool, int, float)) and math.isfinite(float(value)):
+        return float(value)
+    return None
+
+
 def curvature_log_entries(optimizer: DHO2) -> dict[str, float]:
-    """DHO2's latest curvature statistics as flat ``dho2/...`` float entries (empty before any refresh)."""
+    """DHO2's latest curvature statistics as flat ``dho2/...`` float entries (empty before any refresh).
+
+    The eigenvalues become ``eigenvalue_max`` / ``eigenvalue_min`` / ``rank``; the HVP strategy in use
+    becomes ``hvp_strategy_<name>`` = 1 and, when ``hvp="auto"`` measured it, ``hvp_gradients_per_product``
+    (its cost in gradients); every other numeric entry of ``curvature_stats()`` (refresh interval, subspace
+    rotation, trust scale, ADMM entries, ...) is logged under its own name, and non-numeric ones are left out.
+    """
     stats = optimizer.curvature_stats()
     entries: dict[str, float] = {}
     eigenvalues = stats.get("eigenvalues")
-    if eigenvalues is not None:
-        values = [float(v) for v in (eigenvalues.tolist() if torch.is_tensor(eigenvalues) else eigenvalues)]
-        if values:
-            entries[PREFIX + "eigenvalue_max"] = max(values)
-            entries[PREFIX + "eigenvalue_min"] = min(values)
-            entries[PREFIX + "rank"] = float(len(values))
-    for key in _SCALAR_STATS:
-        value = stats.get(key)
-        if torch.is_tensor(value) and value.numel() == 1:
-            value = value.item()
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            entries[PREFIX + key] = float(value)
+    if eigenvalues is None:
+        return entries  # nothing to report before the first refresh
+    values = [float(v) for v in (eigenvalues.tolist() if torch.is_tensor(eigenvalues) else eigenvalues)]
+    if values:
+        entries[PREFIX + "eigenvalue_max"] = max(values)
+        entries[PREFIX + "eigenvalue_min"] = min(values)
+        entries[PREFIX + "rank"] = float(len(values))
+    strategy = stats.get("hvp_strategy")
+    if isinstance(strategy, str) and strategy:
+        entries[PREFIX + "hvp_strategy_" + strategy] = 1.0
+        report = stats.get("hvp_report") or {}
+        cost = _number(report.get("candidates", {}).get(strategy, {}).get("gradients_per_product"))
+        if cost is not None:
+            entries[PREFIX + "hvp_gradients_per_product"] = cost
+    for key in sorted(stats):
+        if key not in _SPECIAL_STATS:
+            value = _number(stats[key])
+            if value is not None:
+                entries[PREFIX + key] = value
     return entries
 
 
 def trainer_loss_scale(args: Any) -> int:
-    """The factor the Trainer multiplies a model's loss by before differentiating it.
+    """The factor the Trainer multiplies a model's loss by before differentiating it (DHO2 itself no longer
+    needs it: see ``ds_dho2.curvature.loss_scale``).
 
     With ``average_tokens_across_devices`` (the transformers 5 default) and a model that receives
     ``num_items_in_batch``, ``Trainer.compute_loss`` multiplies the loss (local token sum / global token
@@ -142,13 +173,17 @@ class DHO2CurvatureCallback(TrainerCallback):
     ``log_on_refresh``: ask the Trainer to log at every step where a curvature refresh completed, so each
     refresh reaches the loggers even between ``logging_steps``. ``attach_model``: in ``on_train_begin``,
     call ``DHO2.attach(model)`` if DHO2 has no model yet (the non-DeepSpeed path; under DeepSpeed the
-    engine attaches it). In several processes the refresh loss is scaled like the Trainer's
-    (:func:`trainer_loss_scale`), otherwise eigenvalues would be ``world_size`` times too small.
+    engine attaches it). The refresh loss needs no scaling here at any world size: DHO2 takes it from
+    ``engine.backward`` or replays the micro-batch without ``num_items_in_batch``
+    (``ds_dho2.curvature.loss_scale``). ``automatic``: installed by ``import ds_dho2`` rather than by the
+    script, so it stays silent when the Trainer's optimizer is not DHO2.
     """
 
-    def __init__(self, log_on_refresh: bool = True, attach_model: bool = True) -> None:
+    def __init__(self, log_on_refresh: bool = True, attach_model: bool = True,
+                 automatic: bool = False) -> None:
         self.log_on_refresh = log_on_refresh
         self.attach_model = attach_model
+        self.automatic = automatic
         self.optimizer: DHO2 | None = None
         self._last_refresh_count = 0
         self._warned_missing = False
@@ -167,18 +202,17 @@ class DHO2CurvatureCallback(TrainerCallback):
         optimizer = self._locate(kwargs)
         if optimizer is None:
             if not self._warned_missing:
-                logger.info("DHO2CurvatureCallback: the Trainer's optimizer is not DHO2; nothing to log.")
+                logger.log(logging.DEBUG if self.automatic else logging.INFO,
+                           "DHO2CurvatureCallback: the Trainer's optimizer is not DHO2; nothing to log.")
                 self._warned_missing = True
             return
         self._last_refresh_count = int(optimizer.curvature_stats().get("refresh_count", 0))
         model = kwargs.get("model")
-        scale = trainer_loss_scale(args)
-        loss_fn = None if scale == 1 else functools.partial(scaled_trainer_loss, scale=scale)
-        if optimizer.model is not None and loss_fn is not None:
-            optimizer.attach(optimizer.model, loss_fn=loss_fn)
-        elif self.attach_model and optimizer.model is None and model is not None:
-            optimizer.attach(model, loss_fn=loss_fn)
+        if self.attach_model and optimizer.model is None and model is not None:
+            optimizer.attach(model)
             logger.info("DHO2CurvatureCallback attached DHO2 to %s.", type(model).__name__)
+        if getattr(state, "is_world_process_zero", True):
+            warn_if_run_ends_before_first_refresh(optimizer, int(getattr(state, "max_steps", 0) or 0))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         optimizer = self._locate(kwargs)
@@ -205,10 +239,43 @@ class DHO2CurvatureCallback(TrainerCallback):
         logs.update(entries)
 
 
+def short_run_message(optimizer: DHO2, max_steps: int) -> str | None:
+    """The warning for a run of ``max_steps`` steps that ends before DHO2's first refresh, or None."""
+    config = optimizer.config
+    if not config.curvature.enabled or max_steps <= 0 or max_steps >= config.warmup_steps:
+        return None
+    return (f"DHO2 will not refresh its curvature in this run: max_steps={max_steps} is less than its "
+            f"warmup_steps={config.warmup_steps}, so it trains as its base optimizer ({config.base.value}) "
+            f"throughout. Set warmup_steps to at most {max_steps} in the DHO2 params "
+            "(optimizer.params.warmup_steps in a DeepSpeed config).")
+
+
+def warn_if_run_ends_before_first_refresh(optimizer: DHO2, max_steps: int) -> None:
+    """Log :func:`short_run_message` as a warning when it applies."""
+    message = short_run_message(optimizer, max_steps)
+    if message is not None:
+        logger.warning(message)
+
+
+def ensure_curvature_callback(trainer: Any) -> DHO2CurvatureCallback:
+    """Make ``trainer`` hold exactly one :class:`DHO2CurvatureCallback`, first in its list (the one it
+    already has, moved there, or an automatic one); called for every new Trainer after ``import ds_dho2``."""
+    callbacks = trainer.callback_handler.callbacks
+    existing = [callback for callback in callbacks if isinstance(callback, DHO2CurvatureCallback)]
+    callback = existing[0] if existing else DHO2CurvatureCallback(automatic=True)
+    callbacks[:] = [callback] + [c for c in callbacks if not isinstance(c, DHO2CurvatureCallback)]
+    return callback
+
+
 def add_curvature_callback(trainer: Any, **callback_kwargs: Any) -> DHO2CurvatureCallback:
-    """Register a :class:`DHO2CurvatureCallback` first in ``trainer``'s callbacks (before reporters)."""
+    """Register a :class:`DHO2CurvatureCallback` first in ``trainer``'s callbacks (before reporters).
+
+    It replaces any curvature callback the Trainer already holds (such as the one ``import ds_dho2`` adds
+    to every Trainer), so the statistics are never logged twice.
+    """
     callback = DHO2CurvatureCallback(**callback_kwargs)
-    trainer.callback_handler.callbacks.insert(0, callback)
+    callbacks = trainer.callback_handler.callbacks
+    callbacks[:] = [callback] + [c for c in callbacks if not isinstance(c, DHO2CurvatureCallback)]
     return callback
 
 
@@ -226,4 +293,5 @@ def dho2_optimizer_cls_and_kwargs(**params: Any) -> tuple[type[DHO2], dict[str, 
 
 
 __all__ = ["DHO2CurvatureCallback", "add_curvature_callback", "curvature_log_entries",
-           "dho2_optimizer_cls_and_kwargs", "find_dho2", "scaled_trainer_loss", "trainer_loss_scale"]
+           "dho2_optimizer_cls_and_kwargs", "ensure_curvature_callback", "find_dho2", "scaled_trainer_loss",
+           "short_run_message", "trainer_loss_scale"]
