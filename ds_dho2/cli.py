@@ -5,6 +5,9 @@ DeepSpeed and then runs an unmodified training script as ``__main__`` with its o
 as one process, or as the program of a launcher: ``torchrun ... $(which ds-dho2) run train.py ...``,
 ``deepspeed --no_python ds-dho2 run train.py ...``, ``accelerate launch --no_python ds-dho2 run train.py ...``.
 ``ds-dho2 bench SUITE ...`` runs the benchmark suites of a source checkout (``python -m benchmarks``).
+``ds-dho2 to-universal INPUT_FOLDER OUTPUT_FOLDER`` converts a DeepSpeed ZeRO-1/2 checkpoint with DHO2 state
+into a universal checkpoint, which loads at any data-parallel world size
+(:mod:`ds_dho2.integrations.universal`).
 
 Alone (no launcher variables such as ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` and no MPI launcher),
 ``ds-dho2 run`` gives the script the environment of a one-process ``torchrun``: ``RANK=0``, ``LOCAL_RANK=0``,
@@ -169,12 +172,31 @@ def run_bench(args: list[str]) -> int:
     return int(bench_main(args) or 0)
 
 
+# --------------------------------------------------------------------------------------- to-universal
+def run_to_universal(options: argparse.Namespace) -> int:
+    """``ds-dho2 to-universal``: convert, then say how to load the result."""
+    from ds_dho2.integrations.universal import UniversalConversionError, to_universal
+
+    try:
+        summary = to_universal(options.input_folder, options.output_folder, extract_workers=options.extract_workers,
+                               merge_workers=options.merge_workers, keep_temp_folder=options.keep_temp_folder)
+    except UniversalConversionError as error:
+        raise StartupError(str(error)) from error
+    output = os.path.abspath(options.output_folder)
+    print(f"{PROG} to-universal: wrote {output} ({summary['parameters']} parameters, world size "
+          f"{summary['source_world_size']}, {len(summary['dho2_entries'])} DHO2 entries per parameter). Load it "
+          f"with \"checkpoint\": {{\"load_universal\": true}} and engine.load_checkpoint("
+          f"{os.path.dirname(output)!r}, tag={os.path.basename(output)!r}).")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="DHO2 for DeepSpeed: run an unmodified training script with "
-                     "\"type\": \"DHO2\" registered, or run the benchmark suites.")
+                     "\"type\": \"DHO2\" registered, run the benchmark suites, or convert a checkpoint into a "
+                     "universal one.")
     parser.add_argument("--version", action="version", version=f"{PROG} {ds_dho2.__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{run,bench}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{run,bench,to-universal}", parser_class=_Parser)
     sub.required = True
     run = sub.add_parser(
         "run", help="run an unmodified training script with DHO2 registered in DeepSpeed",
@@ -188,6 +210,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("args", metavar="ARGS", nargs=argparse.REMAINDER,
                      help="arguments passed to the script unchanged (including --help)")
     sub.add_parser("bench", add_help=False, help="run a benchmark suite: ds-dho2 bench --help lists them")
+    universal = sub.add_parser(
+        "to-universal", help="convert a DeepSpeed checkpoint with DHO2 state into a universal checkpoint",
+        description="Convert one tag folder of a DeepSpeed ZeRO-1/2 checkpoint with DHO2 state (AdamW or "
+                    "heavy-ball base) into a universal checkpoint that loads at any data-parallel world size with "
+                    "\"checkpoint\": {\"load_universal\": true}. DeepSpeed's own ds_to_universal drops DHO2's "
+                    "curvature state. OUTPUT_FOLDER is usually INPUT_FOLDER's sibling, e.g. "
+                    "checkpoints/global_step100_universal; latest_universal is written next to it.",
+        usage=f"{PROG} to-universal [-h] [--extract-workers N] [--merge-workers N] [--keep-temp-folder] "
+              "INPUT_FOLDER OUTPUT_FOLDER")
+    universal.add_argument("input_folder", metavar="INPUT_FOLDER", help="the folder of one saved tag")
+    universal.add_argument("output_folder", metavar="OUTPUT_FOLDER", help="a new folder for the universal checkpoint")
+    universal.add_argument("--extract-workers", type=int, default=4, metavar="N",
+                           help="processes extracting the ranks' shards (default 4)")
+    universal.add_argument("--merge-workers", type=int, default=2, metavar="N",
+                           help="processes merging shards per parameter (default 2)")
+    universal.add_argument("--keep-temp-folder", action="store_true",
+                           help="keep OUTPUT_FOLDER/tmp with the intermediate fragments")
     return parser
 
 
@@ -200,12 +239,14 @@ def main(argv: list[str] | None = None) -> int:
         options = build_parser().parse_args(argv)
         if options.command == "bench":
             return run_bench([])
+        if options.command == "to-universal":
+            return run_to_universal(options)
         if options.target is None:
             raise StartupError(f"no script given. Use '{PROG} run SCRIPT [ARGS...]' or "
                                f"'{PROG} run -m MODULE [ARGS...]'.")
         return _run(options.target, [*launcher_flags, *options.args], options.module)
     except StartupError as error:
-        command = "bench" if argv and argv[0] == "bench" else "run"
+        command = argv[0] if argv and argv[0] in ("bench", "to-universal") else "run"
         print(f"{PROG} {command}: error: {error}", file=sys.stderr)
         return START_ERROR
 

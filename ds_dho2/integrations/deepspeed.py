@@ -9,8 +9,10 @@ Registration (idempotent, done by ``import ds_dho2``):
   ``zero_allow_untested_optimizer``;
 * ``DeepSpeedEngine._configure_optimizer`` is wrapped so that, once ZeRO has partitioned the parameters,
   DHO2 is bound to the rank's flat partition (an exact :class:`ShardLayout`) and attached to the module.
-  Unsupported set-ups (ZeRO-3, optimizer offload, elastic checkpoints, stage 0 with fp16/bf16) fail here,
-  inside ``deepspeed.initialize``, with a message saying what is supported.
+  Unsupported set-ups (ZeRO-3, optimizer offload, elastic checkpoints, stage 0 with fp16/bf16 or with
+  universal checkpoints) fail here, inside ``deepspeed.initialize``, with a message saying what is supported;
+* ``DeepSpeedEngine.load_checkpoint`` is wrapped so that DHO2 adopts the state of a universal checkpoint
+  (re-partitioned for this run) as soon as it is loaded (:func:`adopt_loaded_checkpoint`).
 
 :func:`load_config` reads one of the ``ds_configs/*.json`` files (written for the Hugging Face Trainer,
 which fills their ``"auto"`` values) and resolves every ``"auto"`` for plain ``deepspeed.initialize``.
@@ -27,6 +29,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ds_dho2.checkpoint import is_flat_key
 from ds_dho2.dist.comm import TorchDistCommunicator
 from ds_dho2.dist.layout import ShardLayout
 from ds_dho2.optimizer import DHO2
@@ -68,21 +71,49 @@ def register() -> None:
         setattr(get_optimizer_name, _WRAPPED_MARKER, True)
         ds_config.get_optimizer_name = get_optimizer_name
     original = DeepSpeedEngine._configure_optimizer
-    if getattr(original, _WRAPPED_MARKER, False):
+    if not getattr(original, _WRAPPED_MARKER, False):
+
+        @functools.wraps(original)
+        def configure_optimizer(engine: Any, client_optimizer: Any, model_parameters: Any) -> None:
+            uses_dho2 = isinstance(client_optimizer, DHO2) or (
+                client_optimizer is None and engine.optimizer_name() == OPTIMIZER_NAME)
+            if uses_dho2:
+                check_engine_config(engine)
+            original(engine, client_optimizer, model_parameters)
+            if isinstance(engine.basic_optimizer, DHO2):
+                bind_engine(engine)
+
+        setattr(configure_optimizer, _WRAPPED_MARKER, True)
+        DeepSpeedEngine._configure_optimizer = configure_optimizer
+    load = DeepSpeedEngine.load_checkpoint
+    if not getattr(load, _WRAPPED_MARKER, False):
+
+        @functools.wraps(load)
+        def load_checkpoint(engine: Any, *args: Any, **kwargs: Any) -> Any:
+            result = load(engine, *args, **kwargs)
+            if isinstance(getattr(engine, "basic_optimizer", None), DHO2) and result and result[0] is not None:
+                adopt_loaded_checkpoint(engine)
+            return result
+
+        setattr(load_checkpoint, _WRAPPED_MARKER, True)
+        DeepSpeedEngine.load_checkpoint = load_checkpoint
+
+
+def adopt_loaded_checkpoint(engine: Any) -> None:
+    """After ``engine.load_checkpoint``: a universal checkpoint load writes DHO2's saved form straight into its
+    state, so DHO2 turns it into live state for this run's partition now (a checkpoint without DHO2's state
+    fails here, at load, with a message naming ``ds-dho2 to-universal``). DeepSpeed's views of the adopted
+    flat entries are dropped so their buffers are freed."""
+    optimizer: DHO2 = engine.basic_optimizer
+    universal = bool(engine.load_universal_checkpoint())
+    if not optimizer.adopt_checkpoint_state(universal=universal):
         return
-
-    @functools.wraps(original)
-    def configure_optimizer(engine: Any, client_optimizer: Any, model_parameters: Any) -> None:
-        uses_dho2 = isinstance(client_optimizer, DHO2) or (
-            client_optimizer is None and engine.optimizer_name() == OPTIMIZER_NAME)
-        if uses_dho2:
-            check_engine_config(engine)
-        original(engine, client_optimizer, model_parameters)
-        if isinstance(engine.basic_optimizer, DHO2):
-            bind_engine(engine)
-
-    setattr(configure_optimizer, _WRAPPED_MARKER, True)
-    DeepSpeedEngine._configure_optimizer = configure_optimizer
+    for group in getattr(engine.optimizer, "bit16_groups", None) or []:
+        for param in group:
+            fragments = getattr(getattr(param, "_hp_mapping", None), "optim_fragment", None)
+            if isinstance(fragments, dict):
+                for key in [key for key in fragments if is_flat_key(key)]:
+                    del fragments[key]
 
 
 def check_engine_config(engine: Any) -> None:
@@ -99,6 +130,10 @@ def check_engine_config(engine: Any) -> None:
         raise UnsupportedDeepSpeedSetup(
             "DHO2 does not support zero_optimization.elastic_checkpoint: its curvature state is not a 1-D "
             "partition DeepSpeed can re-split. Set elastic_checkpoint to false.")
+    if stage == 0 and engine.load_universal_checkpoint():
+        raise UnsupportedDeepSpeedSetup(
+            "DHO2 under ZeRO stage 0 keeps its whole state on every rank, so its regular checkpoints load at any "
+            "world size; universal checkpoints are for ZeRO stages 1 and 2. Remove checkpoint.load_universal.")
     if stage == 0 and (engine.fp16_enabled() or engine.bfloat16_enabled()):
         raise UnsupportedDeepSpeedSetup(
             f"DHO2 under ZeRO stage 0 supports fp32 only. {SUPPORTED} Use zero_optimization.stage 1 or 2 for "

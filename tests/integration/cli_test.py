@@ -111,13 +111,14 @@ def test_usage_errors_are_one_line(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli.main([])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == ("ds-dho2: error: the following arguments are required: {run,bench}. "
-                                       "See 'ds-dho2 --help'.\n")
+    assert capsys.readouterr().err == ("ds-dho2: error: the following arguments are required: "
+                                       "{run,bench,to-universal}. See 'ds-dho2 --help'.\n")
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["train", "x.py"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("ds-dho2: error: argument {run,bench}: invalid choice: ") and err.count("\n") == 1
+    assert err.startswith("ds-dho2: error: argument {run,bench,to-universal}: invalid choice: ")
+    assert err.count("\n") == 1
     assert err.endswith(". See 'ds-dho2 --help'.\n")
 
 
