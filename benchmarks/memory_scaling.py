@@ -3,13 +3,15 @@
 Run: ``python -m benchmarks.memory_scaling [--quick]`` (CPU, gloo; DS_ACCELERATOR=cpu is set here).
 
 For W = 1, 2, 4 data-parallel ranks, one ZeRO-2 fp32 engine per W trains an MLP (>= 20M parameters;
-``--quick``: ~2M) with DHO2 (rank 8, Lanczos order 32, interleaved curvature, 8 Lanczos iterations per
-step). Schedule: warm-up 2 steps; refresh 1 runs on steps 2-5; steps 6-9 are plain hybrid steps (the
-eigenbasis in use, no Lanczos in flight); refresh 2 starts at step 10, so after step 10 a rank holds
-eigenvectors, Newton momentum *and* a Lanczos basis. Reported per rank:
+``--quick``: ~2M) with DHO2 at its defaults (rank 8, Lanczos order 2k = 16, float32 basis, warm starts) on an
+interleaved schedule of 4 Lanczos iterations per step. Schedule: warm-up 2 steps; refresh 1 runs on steps
+2-5; steps 6-9 are plain hybrid steps (the eigenbasis in use, no Lanczos in flight); refresh 2 starts at
+step 10, so after step 10 a rank holds eigenvectors, Newton momentum *and* a Lanczos basis. Reported per
+rank:
 
-* curvature-state bytes: eigenvectors (k x P_r), Newton momentum (k), Lanczos run state (m x P_r basis
-  and vectors) — and, separately, the base optimizer's AdamW moments (2 x P_r);
+* curvature-state bytes: eigenvectors (k x P_r), Newton momentum (k), Lanczos run state (m x P_r basis)
+  — also in units of one float32 vector of the partition's length (target: at most 3k during a refresh,
+  k at rest) — and, separately, the base optimizer's AdamW moments (2 x P_r);
 * peak resident memory (``resource.getrusage(RUSAGE_SELF).ru_maxrss``);
 * ``engine.step()`` time: DHO2 median over the non-refresh hybrid steps vs DeepSpeed's AdamW
   (``torch_adam``) median on the same engine config; amortised refresh cost = the first refresh's total
@@ -38,7 +40,7 @@ import torch
 from benchmarks.common import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
-RANK, ORDER, ITERS_PER_STEP, WARMUP, REFRESH_INTERVAL = 8, 32, 8, 2, 8
+RANK, ORDER, ITERS_PER_STEP, WARMUP, REFRESH_INTERVAL = 8, 16, 4, 2, 8  # k = 8 and the default order 2k
 DHO2_STEPS = WARMUP + REFRESH_INTERVAL  # 10: refresh 2 starts on the last step
 HYBRID_STEPS = range(WARMUP + ORDER // ITERS_PER_STEP, WARMUP + REFRESH_INTERVAL)  # steps 6..9
 ADAMW_STEPS = 6
@@ -111,9 +113,11 @@ def rank_worker(rank: int, world: int, quick: bool, micro: int) -> dict:
     w = widths(quick)
     torch.manual_seed(0)
     model = MLP(w)
-    dho2 = {"lr": 1e-4, "rank": RANK, "lanczos_order": ORDER, "refresh_interval": REFRESH_INTERVAL,
-            "warmup_steps": WARMUP, "lanczos_dtype": "float64", "hvp": "reverse",
-            "curvature": {"mode": "interleaved", "iterations_per_step": ITERS_PER_STEP}}
+    # the library defaults (float32 basis, order 2k, warm starts) on an interleaved schedule that keeps a
+    # refresh in flight at the measured step; exact products and a fixed interval keep the schedule fixed
+    dho2 = {"lr": 1e-4, "rank": RANK, "refresh_interval": REFRESH_INTERVAL, "warmup_steps": WARMUP, "hvp": "reverse",
+            "curvature": {"mode": "interleaved", "iterations_per_step": ITERS_PER_STEP,
+                          "max_interval": REFRESH_INTERVAL}}
     engine, *_ = deepspeed.initialize(model=model, config=engine_config({"type": "DHO2", "params": dho2}, micro))
     opt = engine.basic_optimizer
     out: dict[str, Any] = {"partition_numel": opt.param_groups[0]["params"][0].numel()}
@@ -215,6 +219,9 @@ def summarise(per_world: dict[int, list[dict]], num_params: int) -> dict:
             "refresh_seconds": max(r["refresh_seconds"] for r in ranks),
         })
         row = rows[-1]
+        vector = 4 * row["partition_numel"]  # one float32 vector the length of this rank's partition
+        row["curvature_vectors_during_refresh"] = row["curvature_bytes_per_rank_max"] / vector
+        row["curvature_vectors_at_rest"] = (row["eigenvector_bytes"] + row["newton_momentum_bytes"]) / vector
         row["step_time_ratio"] = row["dho2_step_median_s"] / row["adamw_step_median_s"]
         row["amortised_refresh_s_per_step"] = row["refresh_seconds"] / REFRESH_INTERVAL
         row["amortised_total_ratio"] = (row["dho2_step_median_s"] + row["amortised_refresh_s_per_step"]) / \
@@ -224,7 +231,8 @@ def summarise(per_world: dict[int, list[dict]], num_params: int) -> dict:
     if 1 in by_world and max(by_world) > 1:
         ratio = by_world[1]["curvature_bytes_per_rank_max"] / by_world[max(by_world)]["curvature_bytes_per_rank_max"]
     return {"num_params": num_params, "rank": RANK, "lanczos_order": ORDER, "refresh_interval": REFRESH_INTERVAL,
-            "iterations_per_step": ITERS_PER_STEP, "zero_stage": 2, "dtype": "fp32", "lanczos_dtype": "float64",
+            "iterations_per_step": ITERS_PER_STEP, "zero_stage": 2, "dtype": "fp32", "lanczos_dtype": "float32",
+            "target_vectors_during_refresh": 3 * RANK, "target_vectors_at_rest": RANK,
             "cpu_cores": os.cpu_count(), "rows": rows,
             f"curvature_bytes_ratio_w1_over_w{max(by_world)}": ratio, "ideal_ratio": float(max(by_world))}
 
@@ -292,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['refresh_seconds']:>9.2f} {r['amortised_refresh_s_per_step']:>8.3f}")
     key = next(k for k in summary if k.startswith("curvature_bytes_ratio"))
     print(f"{key} = {summary[key]} (ideal {summary['ideal_ratio']})")
+    for r in summary["rows"]:
+        print(f"W={r['world_size']}: curvature state = {r['curvature_vectors_during_refresh']:.2f} float32 P_r-vectors "
+              f"during a refresh (target <= {3 * RANK}), {r['curvature_vectors_at_rest']:.2f} at rest (target {RANK})")
     print(f"wrote {out / 'memory_scaling.json'} and {out / 'memory_scaling.png'}")
     return 0
 
