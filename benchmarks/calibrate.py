@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -86,6 +87,7 @@ def cost_model(task: Task, measured: dict[str, Any]) -> dict[str, Any]:
              if s > PROBE_WARMUP and s not in {r["step"] for r in engines[PROBE]["refreshes"]}]
     refresh_extra = ([t - statistics.median(after or [0.0]) for t in probe.get("refresh_step_seconds", [])])
     timed = sum(sum(r["step_seconds"]) for r in engines.values())
+    cpu = sum(sum(r["step_cpu_seconds"]) for r in engines.values())
     n_evals = len(info["eval_steps"])
     engine_steps = len(engines) * n_steps
     eval_seconds = info.get("eval_seconds", 0.0)
@@ -100,6 +102,8 @@ def cost_model(task: Task, measured: dict[str, Any]) -> dict[str, Any]:
         "overhead_seconds_per_engine_step": max(0.0, (info["race_seconds"] - eval_seconds - timed) / engine_steps),
         "build_seconds_per_engine": info["build_seconds"] / len(engines),
         "setup_seconds": measured["setup_seconds"], "peak_rss_mib": info["peak_rss_mib"],
+        # CPU time / wall time of the timed steps: about 1 on an otherwise idle machine, lower under load
+        "cpu_fraction": cpu / timed if timed else None,
     }
 
 
@@ -140,8 +144,9 @@ def project(task: Task, model: dict[str, Any], methods: list[str], seeds: int,
     extension = seeds * (extension_engines * mean_engine + _engine_seconds(model, "AdamW", steps)
                          + (extension_engines + 1) * (steps * model["overhead_seconds_per_engine_step"]
                                                       + n_evals * model["eval_seconds_per_engine"]))
+    total = main + extension + model["setup_seconds"] + 15.0
     return {"main_races": main, "one_extension_round": extension, "setup": model["setup_seconds"],
-            "total": main + extension + model["setup_seconds"] + 15.0}
+            "total": total, "total_idle_machine": total * min(1.0, model.get("cpu_fraction") or 1.0)}
 
 
 def projected_seconds(tasks: dict[str, Task], methods: list[str], seeds: int,
@@ -154,14 +159,18 @@ def projected_seconds(tasks: dict[str, Task], methods: list[str], seeds: int,
     except (OSError, ValueError, KeyError):
         return None
     out: dict[str, float] = {}
+    idle: dict[str, float] = {}
     for name, task in tasks.items():
-        if name not in saved:
+        if name not in saved or "costs" not in saved[name]:
             return None
-        projection = project(task, saved[name]["costs"], methods, seeds)["total"]
-        if not math.isfinite(projection):
+        projection = project(task, saved[name]["costs"], methods, seeds)
+        if not math.isfinite(projection["total"]):
             return None
-        out[name] = projection
-    return {"total": sum(out.values()), "tasks": out, "calibration": str(path.name)}
+        out[name], idle[name] = projection["total"], projection["total_idle_machine"]
+    return {"total": sum(out.values()), "tasks": out, "total_idle_machine": sum(idle.values()),
+            "tasks_idle_machine": idle, "calibration": str(path.name),
+            "note": "total: at the load the calibration saw (its load_average); idle: scaled by the measured "
+                    "CPU/wall fraction of the timed steps"}
 
 
 def budget_curves(task: Task, world: int) -> dict[str, Any]:
@@ -196,11 +205,12 @@ def budget_curves(task: Task, world: int) -> dict[str, Any]:
             loss.backward()
             optimizer.step()
         curves[f"{lr:.6g}"] = curve
+    from benchmarks.convergence import flattening
+
     best = min(curves, key=lambda lr: curves[lr][-1]["val_loss"])
     curve = curves[best]
-    start = min(curve, key=lambda p: abs(p["step"] - 0.8 * task.steps))
     return {"steps": task.steps, "best_lr": float(best), "curves": curves,
-            "relative_improvement_last_20pct": (start["val_loss"] - curve[-1]["val_loss"]) / start["val_loss"],
+            "relative_improvement_last_20pct": flattening(curve, task.steps),
             "min_val_loss_step": min(curve, key=lambda p: p["val_loss"])["step"],
             "seconds": time.perf_counter() - started}
 
@@ -212,7 +222,8 @@ def calibrate(tasks: dict[str, Task], methods: dict[str, dict], seeds: list[int]
 
     previous = json.loads(CALIBRATION_PATH.read_text()) if CALIBRATION_PATH.exists() else {}
     out: dict[str, Any] = {"benchmark": "convergence_calibration", "command": command,
-                           "finished_at": None, "machine": machine_info(), "steps": steps,
+                           "finished_at": None, "machine": machine_info(), "load_average": os.getloadavg(),
+                           "steps": steps,
                            "tasks": previous.get("tasks", {})}
     for name, task in tasks.items():
         entry = out["tasks"].setdefault(name, {})
@@ -223,7 +234,8 @@ def calibrate(tasks: dict[str, Task], methods: dict[str, dict], seeds: list[int]
                                  timeout=3600)[0]
             model = cost_model(task, measured)
             projection = project(task, model, list(methods), len(seeds))
-            entry.update(costs=model, projection_seconds=projection, costs_command=command)
+            entry.update(costs=model, projection_seconds=projection, costs_command=command,
+                         load_average=os.getloadavg())
             steps_line = ", ".join(f"{m} {c['median_step_seconds'] * 1e3:.1f} ms" for m, c in model["methods"].items())
             print(f"[calibrate] {name}: median step {steps_line}; refresh "
                   f"+{model['refresh_extra_seconds'] or 0:.2f} s; eval {model['eval_seconds_per_engine'] * 1e3:.1f} "
@@ -233,13 +245,16 @@ def calibrate(tasks: dict[str, Task], methods: dict[str, dict], seeds: list[int]
             print(f"[calibrate] {name}: budget curves of AdamW over {task.steps} steps at {task.lrs}", flush=True)
             budget = budget_curves(task, world)
             entry.update(budget=budget, budget_command=command)
-            print(f"[calibrate] {name}: AdamW best lr {budget['best_lr']:.3g} improved "
-                  f"{100 * budget['relative_improvement_last_20pct']:.2f}% over the last 20% of {task.steps} steps",
+            flat = budget["relative_improvement_last_20pct"]
+            print(f"[calibrate] {name}: AdamW best lr {budget['best_lr']:.3g} improved {100 * flat['fitted']:.2f}% "
+                  f"(line fit; endpoints {100 * flat['endpoints']:.2f}%, noise ±{100 * flat['noise']:.2f}%) over the last 20% "
+                  f"of {task.steps} steps",
                   flush=True)
     out["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     CALIBRATION_PATH.parent.mkdir(parents=True, exist_ok=True)
     CALIBRATION_PATH.write_text(json.dumps(out, indent=1, default=float) + "\n")
     total = projected_seconds(tasks, list(methods), len(seeds))
     if total:
-        print(f"[calibrate] projected suite runtime for these settings: {total['total'] / 60:.0f} min", flush=True)
+        print(f"[calibrate] projected suite runtime for these settings: {total['total'] / 60:.0f} min at the "
+              f"calibration's load, {total['total_idle_machine'] / 60:.0f} min on an idle machine", flush=True)
     return out

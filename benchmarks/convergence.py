@@ -35,11 +35,20 @@ Design (each choice answers a way a comparison of optimizers can mislead):
   multiply out too) and min/max.
 * **ADMM window ends** are evaluated (the step right after the extrapolation, and the step before),
   for every engine, so a sawtooth is visible; the JSON marks those points and summarises the jumps.
-* **Flattening.** The budgets were chosen so that AdamW's validation curve has flattened; the JSON
-  reports the relative improvement of AdamW's best-lr curve over the last 20% of the budget.
+* **Flattening.** The budgets were chosen (``--calibrate budgets``) so that AdamW's validation curve has
+  flattened; the JSON reports the relative improvement of AdamW's best-lr curve over the last 20% of the
+  budget (a robust line fit, and the two endpoints).
+* **Cost per step** is reported three ways against AdamW in the same race: mean and median wall-clock
+  step time, and CPU time (insensitive to other jobs on the machine). Peak memory per rank is recorded.
+* **Equality check.** One extra engine in the first seed's race runs DHO2 with curvature and ADMM off;
+  it must train like the AdamW engine of the same lr (loss and parameter differences are reported).
+
+Runtime: ``--calibrate costs`` measures step, refresh and evaluation costs in a short race per task and
+projects the suite's runtime (printed again before every full run).
 
     python -m benchmarks convergence [--quick] [--tasks digits,charlm,sst2] [--seeds 3] [--steps-scale 1]
-                                     [--methods ...] [--max-extensions 3] [--calibrate] [--output-name NAME]
+                                     [--methods ...] [--max-extensions 3] [--calibrate [costs|budgets|all]]
+                                     [--output-name NAME]
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ import copy
 import json
 import logging
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -261,11 +271,6 @@ def first_reach(record: dict[str, Any], target: float) -> tuple[int | None, floa
     return None, None
 
 
-def _value_near(record: dict[str, Any], step: float) -> float:
-    point = min(record["evals"], key=lambda p: (abs(p["step"] - step), -p["step"]))
-    return point["val_loss"]
-
-
 def sawtooth(record: dict[str, Any]) -> dict[str, Any] | None:
     """Validation-loss jumps across ADMM window ends: loss right after the extrapolation minus the loss
     one step before (positive = the extrapolation hurt)."""
@@ -329,10 +334,11 @@ def summarise(task: Task, result: dict[str, Any], seeds: list[int]) -> dict[str,
             record = runs[s][run_key(m, best[m])]
             final = record["evals"][-1]
             total = sum(record["step_seconds"])
+            cpu_total = sum(record["step_cpu_seconds"])
             row: dict[str, Any] = {
                 "seed": s, "target_val_loss": targets.get(s), "final_val_loss": final["val_loss"],
                 "final_val_acc": final["val_acc"], "train_seconds": total,
-                "seconds_per_step": total / task.steps,
+                "seconds_per_step": total / task.steps, "train_cpu_seconds": cpu_total,
                 "median_step_seconds": statistics.median(record["step_seconds"]),
                 "refreshes": len(record["refreshes"]),
                 "refresh_seconds": sum(r["seconds"] or 0.0 for r in record["refreshes"]),
@@ -344,6 +350,8 @@ def summarise(task: Task, result: dict[str, Any], seeds: list[int]) -> dict[str,
                 base_total = sum(base[s]["step_seconds"])
                 base_median = statistics.median(base[s]["step_seconds"])
                 row["step_cost_vs_adamw"] = total / base_total if base_total else None
+                base_cpu = sum(base[s]["step_cpu_seconds"])
+                row["cpu_step_cost_vs_adamw"] = cpu_total / base_cpu if base_cpu else None
                 row["median_step_cost_vs_adamw"] = (row["median_step_seconds"] / base_median
                                                     if base_median else None)
                 if steps and b_steps and seconds and b_seconds:
@@ -355,9 +363,11 @@ def summarise(task: Task, result: dict[str, Any], seeds: list[int]) -> dict[str,
             per_seed.append(row)
         agg: dict[str, Any] = {"best_lr": best[m], "seeds": len(per_seed), "per_seed": per_seed}
         for key in ("final_val_loss", "final_val_acc", "steps_to_target", "seconds_to_target", "train_seconds",
+                    "train_cpu_seconds",
                     "seconds_per_step", "median_step_seconds", "refreshes", "refresh_seconds"):
             agg[key] = stats([r.get(key) for r in per_seed])
-        for key in ("time_ratio", "step_ratio", "cost_ratio", "step_cost_vs_adamw", "median_step_cost_vs_adamw"):
+        for key in ("time_ratio", "step_ratio", "cost_ratio", "step_cost_vs_adamw", "median_step_cost_vs_adamw",
+                    "cpu_step_cost_vs_adamw"):
             agg[key] = ratio_stats([r.get(key) for r in per_seed])
         reached = sum(r.get("steps_to_target") is not None for r in per_seed)
         agg["reached_target"] = reached
@@ -374,17 +384,37 @@ def summarise(task: Task, result: dict[str, Any], seeds: list[int]) -> dict[str,
     if base:
         steps = task.steps
         start = (1.0 - FLATTENING_WINDOW) * steps
-        per_seed = {s: (_value_near(base[s], start) - base[s]["evals"][-1]["val_loss"]) / _value_near(base[s], start)
-                    for s in seeds}
         curve = out["methods"][BASELINE]["curve"]
-        mean_at = curve["val_loss_mean"][min(range(len(curve["step"])), key=lambda i: abs(curve["step"][i] - start))]
-        mean_end = curve["val_loss_mean"][-1]
+        mean_points = [{"step": st, "val_loss": v} for st, v in zip(curve["step"], curve["val_loss_mean"])]
         out["adamw_flattening"] = {
-            "definition": f"(L(step nearest {start:.0f}) - L({steps})) / L(step nearest {start:.0f}), AdamW at "
-                          "its best lr: the relative improvement over the last 20% of the budget",
-            "mean_curve": (mean_at - mean_end) / mean_at if _finite(mean_at) and _finite(mean_end) else None,
-            "per_seed": per_seed}
+            "definition": f"relative improvement of AdamW's best-lr validation loss over the last 20% of the budget "
+                          f"(steps {start:.0f}-{steps}): 'fitted' from a Theil-Sen line (robust to single noisy "
+                          f"evaluations) through the evaluations in that range, (fit({start:.0f}) - fit({steps})) / fit({start:.0f}); 'endpoints' from "
+                          "the evaluations nearest both ends; 'noise': the standard deviation of the evaluations around the line, "
+                          "relative to its start (improvements within it are indistinguishable from flat)",
+            "mean_curve": flattening(mean_points, steps),
+            "per_seed": {s: flattening(base[s]["evals"], steps) for s in seeds}}
     return out
+
+
+def flattening(evals: list[dict[str, Any]], steps: int, window: float = FLATTENING_WINDOW) -> dict[str, Any]:
+    """Relative improvement of a validation curve over the last ``window`` of ``steps`` (fitted, endpoints)."""
+    start = (1.0 - window) * steps
+    points = [(p["step"], p["val_loss"]) for p in evals if p["step"] >= start - 1e-9 and _finite(p["val_loss"])]
+    fitted = noise = None
+    if len(points) >= 2:
+        # Theil-Sen line: the median of the pairwise slopes, so one noisy evaluation cannot tilt it
+        slope = statistics.median((y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(points)
+                                  for x2, y2 in points[i + 1:] if x2 != x1)
+        intercept = statistics.median(y - slope * x for x, y in points)
+        at_start = intercept + slope * start
+        fitted = -slope * (steps - start) / at_start if at_start else None
+        residuals = [y - (intercept + slope * x) for x, y in points]
+        noise = statistics.pstdev(residuals) / at_start if at_start else None
+    first = min(evals, key=lambda p: (abs(p["step"] - start), -p["step"]))["val_loss"]
+    last = evals[-1]["val_loss"]
+    endpoints = (first - last) / first if _finite(first) and _finite(last) and first else None
+    return {"fitted": fitted, "endpoints": endpoints, "noise": noise}
 
 
 def _verdict(method: str, agg: dict[str, Any], seeds: int) -> str:
@@ -429,6 +459,11 @@ def _f(value: Any, spec: str, none: str = "-") -> str:
     return format(value, spec)
 
 
+def _pct(flat: dict[str, Any], key: str) -> str:
+    value = (flat.get("mean_curve") or {}).get(key)
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
 def _ms(s: dict[str, Any], spec: str) -> str:
     """``mean ± std`` of a stats dict."""
     if s is None or s.get("mean") is None:
@@ -459,8 +494,9 @@ def markdown(payload: dict[str, Any]) -> str:
         "Target per seed: AdamW's final validation loss at its best lr. Ratios are AdamW / method (> 1: the "
         "method is faster) as geometric mean [min, max] over seeds; **time ratio = step ratio x cost ratio** "
         "(seconds to target, steps to target, seconds per step up to the target). `step cost` is the "
-        "method's mean (median) step time over the whole budget relative to AdamW's. Other figures: mean ± std "
-        "over seeds.",
+        "method's mean step time over the whole budget relative to AdamW's, with the median step's ratio and the "
+        "ratio of CPU time (each rank's process CPU time; insensitive to other load on the machine). Other "
+        "figures: mean ± std over seeds.",
         "",
     ]
     for name, entry in payload["tasks"].items():
@@ -469,15 +505,17 @@ def markdown(payload: dict[str, Any]) -> str:
         lines += [f"## {name}: {task['description']}", "",
                   f"Budget {task['steps']} steps (micro batch {task['micro_batch']} per rank), evaluation every "
                   f"{task['eval_every']} steps plus ADMM window ends; {entry['data_info'].get('trainable_params', '?'):,} "
-                  f"trainable parameters. AdamW's best-lr curve improved "
-                  f"{_f(100 * flat['mean_curve'] if flat.get('mean_curve') is not None else None, '.2f')}% "
-                  f"over the last 20% of the budget (flattening). Target "
-                  f"{_ms(summary['target']['stats'], '.4f')}. Wall time {entry['wall_seconds']:.0f} s.",
+                  f"trainable parameters. Flattening: AdamW's best-lr curve (mean over seeds) improved "
+                  f"{_pct(flat, 'fitted')} (robust line fit; endpoints {_pct(flat, 'endpoints')}; evaluation noise "
+                  f"±{_pct(flat, 'noise')}) over the last 20% of the budget. Target "
+                  f"{_ms(summary['target']['stats'], '.4f')}. Wall time {entry['wall_seconds']:.0f} s; peak RSS of "
+                  f"rank 0 {max(r['peak_rss_mib'] for r in entry['races']):.0f} MiB with "
+                  f"{max(r['engines'] for r in entry['races'])} engines alive.",
                   ""]
         if task.get("notes"):
             lines += [task["notes"], ""]
         lines += ["| method | best lr | final val loss | final val acc | steps to target | s to target | "
-                  "time ratio | = step ratio | x cost ratio | step cost (median) | verdict |",
+                  "time ratio | = step ratio | x cost ratio | step cost: mean (median, CPU) | verdict |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for m, row in summary["methods"].items():
             reached = f" ({row['reached_target']}/{row['seeds']})" if m != BASELINE else ""
@@ -487,7 +525,8 @@ def markdown(payload: dict[str, Any]) -> str:
                 f"{_ms(row['seconds_to_target'], '.1f')} | {_range(row['time_ratio'], '.2f')} | "
                 f"{_range(row['step_ratio'], '.2f')} | {_range(row['cost_ratio'], '.2f')} | "
                 f"{_f(row['step_cost_vs_adamw']['geomean'], '.2f')}x "
-                f"({_f(row['median_step_cost_vs_adamw']['geomean'], '.2f')}x) | {row['verdict']} |")
+                f"({_f(row['median_step_cost_vs_adamw']['geomean'], '.2f')}x, "
+                f"{_f(row['cpu_step_cost_vs_adamw']['geomean'], '.2f')}x) | {row['verdict']} |")
         lines += ["", "lr sweeps (mean final validation loss over seeds; **bold** = best; * = extended grid):", "",
                   "| method | " + " | ".join(["grid (ratio)", "bracketed", "final val loss by lr"]) + " |",
                   "|---|---|---|---|"]
@@ -562,23 +601,27 @@ def plot(name: str, entry: dict[str, Any], path: Path) -> None:
                          yerr=[[means[i] - lows[i] for i in ok], [highs[i] - means[i] for i in ok]],
                          color=color, marker="o", markersize=3, capsize=2, label=m)
     target = summary["target"]["stats"]["mean"]
-    finals = [v for row in summary["methods"].values() for v in row["curve"]["val_loss_mean"] if v is not None]
-    top = sorted(finals)[int(0.9 * (len(finals) - 1))] if finals else None
+    means = [v for row in summary["methods"].values() for v in row["curve"]["val_loss_mean"] if v is not None]
+    lows = [v for row in summary["methods"].values() for v in row["curve"]["val_loss_min"] if v is not None]
+    if means and lows:  # the top 10% of the curves (the first steps) would squash the part that matters
+        bottom, top = min(lows) * 0.97, sorted(means)[int(0.9 * (len(means) - 1))] * 1.05
     for ax, xlabel in ((axes[0], "step"), (axes[1], "training seconds (lockstep race, mean over seeds)")):
         if target is not None:
             ax.axhline(target, color="gray", linestyle="--", linewidth=1, label="target (mean over seeds)")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation loss")
         ax.set_yscale("log")
-        if top is not None and target is not None:
-            ax.set_ylim(target * 0.85, top * 1.05)
+        if means and lows and top > bottom:
+            ax.set_ylim(bottom, top)
         ax.grid(alpha=0.3, which="both")
     axes[2].set_xscale("log")
     axes[2].set_xlabel("learning rate")
-    axes[2].set_ylabel("final validation loss (mean, min-max)")
+    axes[2].set_ylabel("final validation loss (mean, min-max over seeds)")
     axes[2].grid(alpha=0.3, which="both")
-    if target is not None:
-        axes[2].set_ylim(target * 0.9, target * 2.0)
+    sweep_lows = [item["final_val_loss"]["min"] for sweep in summary["lr_sweeps"].values()
+                  for item in sweep["by_lr"].values() if item["final_val_loss"]["min"] is not None]
+    if sweep_lows:
+        axes[2].set_ylim(min(sweep_lows) * 0.97, min(sweep_lows) * 2.0)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{name}: validation loss at each method's best lr, mean over seeds with min-max band "
                  "(triangles: right after an ADMM window-end extrapolation)", fontsize=9)
@@ -624,7 +667,8 @@ def _sanitize(value: Any) -> Any:
 def compact_run(record: dict[str, Any]) -> dict[str, Any]:
     """A run as stored in the JSON: per-step times (microseconds resolution, max over ranks) kept, and each
     evaluation gains its cumulative training seconds and the mean training loss since the previous one."""
-    out = {k: v for k, v in record.items() if k not in ("step_seconds", "train_loss")}
+    out = {k: v for k, v in record.items() if k not in ("step_seconds", "step_cpu_seconds", "train_loss")}
+    out["train_cpu_seconds"] = sum(record["step_cpu_seconds"])
     cum = cumulative_seconds(record)
     losses = record["train_loss"]
     evals, previous = [], 0
@@ -669,6 +713,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "suite's runtime; budgets: AdamW-only validation curves over each budget (flattening); "
                              "all: both (benchmarks/calibrate.py)")
     parser.add_argument("--calibrate-steps", type=int, default=30, help="steps of each calibration race")
+    parser.add_argument("--estimate", action="store_true",
+                        help="print the plan and the runtime projected from the last cost calibration, then exit")
     return parser
 
 
@@ -700,17 +746,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return calibrate(tasks, {m: METHODS[m] for m in method_names}, seeds, args.world_size,
                          args.calibrate_steps, command, args.calibrate)
 
-    default_name = "convergence_quick" if args.quick else "convergence"
-    out_dir, out_name = _output_paths(args.output_name or default_name)
-    out_dir.mkdir(parents=True, exist_ok=True)
     from benchmarks.calibrate import projected_seconds
 
     projection = projected_seconds(tasks, method_names, len(seeds))
+    if args.estimate:
+        for name, task in tasks.items():
+            print(f"{name}: {task.steps} steps, eval every {task.eval_every}, {len(method_names)} methods x "
+                  f"{len(task.lrs)} lrs {task.lrs} x {len(seeds)} seeds")
+        if projection is None:
+            print("no cost calibration for these tasks and methods: run --calibrate costs first")
+        else:
+            for name in tasks:
+                print(f"{name}: projected {projection['tasks'][name] / 60:.0f} min at the calibration's load, "
+                      f"{projection['tasks_idle_machine'][name] / 60:.0f} min on an idle machine")
+            print(f"total: {projection['total'] / 60:.0f} min at the calibration's load, "
+                  f"{projection['total_idle_machine'] / 60:.0f} min on an idle machine")
+        return {"projection": projection}
+    default_name = "convergence_quick" if args.quick else "convergence"
+    out_dir, out_name = _output_paths(args.output_name or default_name)
+    out_dir.mkdir(parents=True, exist_ok=True)
     if projection:
-        print(f"[convergence] projected from the last calibration: {projection['total'] / 60:.0f} min "
-              f"({', '.join(f'{k} {v / 60:.0f} min' for k, v in projection['tasks'].items())})", flush=True)
+        print(f"[convergence] projected from the last calibration: {projection['total'] / 60:.0f} min at its load "
+              f"({', '.join(f'{k} {v / 60:.0f} min' for k, v in projection['tasks'].items())}), "
+              f"{projection['total_idle_machine'] / 60:.0f} min on an idle machine", flush=True)
 
     results: dict[str, Any] = {}
+    load_before = os.getloadavg()
     started = time.perf_counter()
     for name, task in tasks.items():
         launched = time.perf_counter()
@@ -728,7 +789,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = {"quick": args.quick, "world_size": args.world_size, "zero_stage": 2, "seeds": seeds,
                 "steps_scale": args.steps_scale, "max_extensions": max_extensions, "lr_ratio": LR_RATIO,
                 "methods": {m: METHODS[m] for m in method_names}, "baseline": BASELINE,
-                "dho2_defaults": dho2_defaults(), "wall_seconds": total, "projection": projection}
+                "dho2_defaults": dho2_defaults(), "wall_seconds": total, "projection": projection,
+                "load_average": {"start": load_before, "end": os.getloadavg()}}
     payload = {
         "benchmark": "convergence", "command": command, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "machine": machine_info(), "git": _git_state(), "settings": settings,

@@ -147,8 +147,8 @@ def run_race(task: Task, data: TaskData, seed: int, specs: list[EngineSpec], ran
              base_grid: Iterable[int] = (), compare: Iterable[tuple[str, str]] = ()) -> dict[str, Any]:
     """Train every engine of ``specs`` for ``task.steps`` steps in lockstep; return per-engine records.
 
-    Each record holds the per-step training time (max over ranks), the per-step training loss (mean over
-    ranks), the evaluations, the refreshes and ADMM window ends the optimizer reported, and what DeepSpeed
+    Each record holds the per-step training time (wall clock, and the rank's CPU time; max over ranks),
+    the per-step training loss (mean over ranks), the evaluations, the refreshes and ADMM window ends the optimizer reported, and what DeepSpeed
     built. ``base_grid`` adds evaluation steps (so that races of one task share their grid). For each
     pair of keys in ``compare`` the largest absolute difference of the two engines' final module
     parameters is reported (``info["param_diffs"]``).
@@ -174,6 +174,7 @@ def run_race(task: Task, data: TaskData, seed: int, specs: list[EngineSpec], ran
     shuffler = random.Random(seed * 7919 + 12345)  # identical on every rank
     n, steps = len(entries), task.steps
     times = torch.zeros(n, steps, dtype=torch.float64)
+    cpu_times = torch.zeros(n, steps, dtype=torch.float64)
     losses = torch.full((n, steps), math.nan, dtype=torch.float64)
     evals: list[list[dict[str, Any]]] = [[] for _ in entries]
 
@@ -211,6 +212,7 @@ def run_race(task: Task, data: TaskData, seed: int, specs: list[EngineSpec], ran
                 tick = time.perf_counter()
                 dist.barrier()
                 barrier_seconds += time.perf_counter() - tick
+                cpu_tick = time.process_time()
                 tick = time.perf_counter()
                 try:
                     loss = _loss(entry.engine(*args, **kwargs))
@@ -221,6 +223,7 @@ def run_race(task: Task, data: TaskData, seed: int, specs: list[EngineSpec], ran
                     entry.error = f"step {step + 1}: {type(error).__name__}: {error}"
                     continue
                 times[i, step] = time.perf_counter() - tick
+                cpu_times[i, step] = time.process_time() - cpu_tick
                 losses[i, step] = float(loss.detach())
                 entry.rng = torch.get_rng_state()
                 _track(entry, step + 1)
@@ -235,6 +238,7 @@ def run_race(task: Task, data: TaskData, seed: int, specs: list[EngineSpec], ran
         torch.set_rng_state(saved_rng)
     race_seconds = time.perf_counter() - race_started
     dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    dist.all_reduce(cpu_times, op=dist.ReduceOp.MAX)
     dist.all_reduce(losses)
     losses /= world
     out: dict[str, Any] = {}
@@ -242,7 +246,8 @@ def run_race(task: Task, data: TaskData, seed: int, specs: list[EngineSpec], ran
         out[entry.spec.key] = {
             "method": entry.spec.method, "lr": entry.spec.lr, "role": entry.spec.role, "seed": seed,
             "optimizer_block": entry.spec.optimizer, "built": optimizer_description(entry.optimizer),
-            "admm_window": entry.window, "step_seconds": times[i].tolist(), "train_loss": losses[i].tolist(),
+            "admm_window": entry.window, "step_seconds": times[i].tolist(),
+            "step_cpu_seconds": cpu_times[i].tolist(), "train_loss": losses[i].tolist(),
             "evals": evals[i], "refreshes": entry.refreshes, "window_ends": entry.window_ends,
             "error": entry.error,
         }

@@ -44,7 +44,8 @@ def _record(method, lr, seed, losses, step_seconds, window=None):
             point["before_window_end"] = (step + 1) % window == 0
         evals.append(point)
     return {"method": method, "lr": lr, "seed": seed, "role": "sweep", "evals": evals,
-            "step_seconds": list(step_seconds), "train_loss": [1.0] * steps, "refreshes": [],
+            "step_seconds": list(step_seconds), "step_cpu_seconds": [0.5 * t for t in step_seconds],
+            "train_loss": [1.0] * steps, "refreshes": [],
             "window_ends": [], "admm_window": window, "error": None, "built": {}}
 
 
@@ -84,7 +85,16 @@ def test_summary_targets_decomposition_and_sawtooth():
     # window ends at 2 and 4: jumps 0.45 - 0.7 and x_final - 0.5
     saw = x["per_seed"][0]["sawtooth"]
     assert saw["window_ends"] == 2 and saw["mean_jump"] == pytest.approx(((0.45 - 0.7) + (0.4 - 0.5)) / 2)
-    assert summary["adamw_flattening"]["per_seed"][0] == pytest.approx((0.6 - 0.5) / 0.6)
+    # last 20% of 4 steps: evaluations at steps 4 only (>= 3.2), so no fit; endpoints 3.2 -> step 3 vs 4
+    assert summary["adamw_flattening"]["per_seed"][0]["endpoints"] == pytest.approx((0.6 - 0.5) / 0.6)
+
+
+def test_flattening_fit_ignores_a_single_spike():
+    evals = [{"step": s, "val_loss": 1.0 - 0.001 * s} for s in range(0, 101, 5)]
+    evals[16]["val_loss"] += 0.5  # a spike at step 80, where the endpoint measure starts
+    flat = convergence.flattening(evals, 100)
+    assert flat["endpoints"] > 0.3
+    assert abs(flat["fitted"] - 0.02 / 0.92) < 0.05
 
 
 def test_method_blocks_set_only_lr_weight_decay_and_seed():
