@@ -34,6 +34,10 @@ _REPLAY_CLASSES = {HVPMethod.FINITE_DIFFERENCE: FiniteDifference, HVPMethod.REVE
                    HVPMethod.FORWARD: ForwardOverReverse}
 
 
+class NoStrategyWorks(RuntimeError):
+    """Every candidate strategy failed on this step's inputs."""
+
+
 class StrategyUnavailable(RuntimeError):
     """The configured strategy cannot run in this training loop; the message says what to change."""
 
@@ -108,14 +112,26 @@ class StrategyChooser:
         self.seed = seed
         self.resolved: HVPMethod | None = None if method is HVPMethod.AUTO else method
         self.report: dict[str, Any] = {}
+        self.whole_batch = False  # the batch fraction failed (e.g. a loss_fn that closes over full labels)
 
     def open(self, inputs: ProductInputs, expected_products: int,
              comm: Communicator | None = None) -> ProductSession:
         """A session for this step: the resolved strategy, a fallback, or (first time, ``auto``) the winner
         of a measurement. ``comm`` joins the ranks that must make the same choice (costs are summed
         over them, and a strategy unavailable on one rank is unavailable on all)."""
+        if self.whole_batch and inputs.full_replay is not None:
+            inputs = dataclasses.replace(inputs, replay=inputs.full_replay)
         if self.resolved is None:
-            return self._choose(inputs, max(1, expected_products), comm or LocalCommunicator())
+            try:
+                return self._choose(inputs, max(1, expected_products), comm or LocalCommunicator())
+            except NoStrategyWorks:
+                if inputs.full_replay is None or inputs.replay is inputs.full_replay:
+                    raise
+                logger.warning("DHO2: every Hessian-vector product failed on a fraction of the micro-batch (a "
+                               "loss_fn that closes over the whole batch's labels?); using the whole micro-batch. "
+                               "Set curvature.batch_fraction to 1.0 to skip this check.")
+                self.whole_batch = True
+                return self.open(inputs, expected_products, comm)
         available = inputs.available()
         if self.method is HVPMethod.AUTO and self.resolved not in available and available:
             # e.g. the graph was chosen but this step's loss did not pass through engine.backward
@@ -181,7 +197,7 @@ class StrategyChooser:
                 measured[method].update(available=False, error="unavailable on another rank")
         if not usable:
             reasons = "; ".join(f"{m.value}: {info.get('error')}" for m, info in measured.items())
-            raise RuntimeError(f"No Hessian-vector product strategy works for this model ({reasons}).")
+            raise NoStrategyWorks(f"No Hessian-vector product strategy works for this model ({reasons}).")
         chosen = min(usable, key=usable.get)
         unit = _gradient_seconds(inputs)
         for method, info in measured.items():
