@@ -247,7 +247,8 @@ def calibrate(tasks: dict[str, Task], methods: dict[str, dict], seeds: list[int]
             entry.update(budget=budget, budget_command=command)
             flat = budget["relative_improvement_last_20pct"]
             print(f"[calibrate] {name}: AdamW best lr {budget['best_lr']:.3g} improved {100 * flat['fitted']:.2f}% "
-                  f"(line fit; endpoints {100 * flat['endpoints']:.2f}%, noise ±{100 * flat['noise']:.2f}%) over the last 20% "
+                  f"(line fit; endpoints {100 * flat['endpoints']:.2f}%, noise ±{100 * flat['noise']:.2f}%) "
+                  f"over the last 20% "
                   f"of {task.steps} steps",
                   flush=True)
     out["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")

@@ -387,11 +387,12 @@ def summarise(task: Task, result: dict[str, Any], seeds: list[int]) -> dict[str,
         curve = out["methods"][BASELINE]["curve"]
         mean_points = [{"step": st, "val_loss": v} for st, v in zip(curve["step"], curve["val_loss_mean"])]
         out["adamw_flattening"] = {
-            "definition": f"relative improvement of AdamW's best-lr validation loss over the last 20% of the budget "
-                          f"(steps {start:.0f}-{steps}): 'fitted' from a Theil-Sen line (robust to single noisy "
-                          f"evaluations) through the evaluations in that range, (fit({start:.0f}) - fit({steps})) / fit({start:.0f}); 'endpoints' from "
-                          "the evaluations nearest both ends; 'noise': the standard deviation of the evaluations around the line, "
-                          "relative to its start (improvements within it are indistinguishable from flat)",
+            "definition": f"relative improvement of AdamW's best-lr validation loss over the last 20% of the "
+                          f"budget (steps {start:.0f}-{steps}): 'fitted' from a Theil-Sen line (robust to single "
+                          f"noisy evaluations) through the evaluations in that range, (fit({start:.0f}) - "
+                          f"fit({steps})) / fit({start:.0f}); 'endpoints' from the evaluations nearest both ends; "
+                          "'noise': the standard deviation of the evaluations around the line, relative to its "
+                          "start (improvements within it are indistinguishable from flat)",
             "mean_curve": flattening(mean_points, steps),
             "per_seed": {s: flattening(base[s]["evals"], steps) for s in seeds}}
     return out
@@ -504,7 +505,8 @@ def markdown(payload: dict[str, Any]) -> str:
         flat = summary.get("adamw_flattening") or {}
         lines += [f"## {name}: {task['description']}", "",
                   f"Budget {task['steps']} steps (micro batch {task['micro_batch']} per rank), evaluation every "
-                  f"{task['eval_every']} steps plus ADMM window ends; {entry['data_info'].get('trainable_params', '?'):,} "
+                  f"{task['eval_every']} steps plus ADMM window ends; "
+                  f"{entry['data_info'].get('trainable_params', 0):,} "
                   f"trainable parameters. Flattening: AdamW's best-lr curve (mean over seeds) improved "
                   f"{_pct(flat, 'fitted')} (robust line fit; endpoints {_pct(flat, 'endpoints')}; evaluation noise "
                   f"±{_pct(flat, 'noise')}) over the last 20% of the budget. Target "
@@ -545,7 +547,8 @@ def markdown(payload: dict[str, Any]) -> str:
         if saw:
             lines += ["", "ADMM window ends (validation loss right after the extrapolation minus one step before; "
                           "> 0 = the extrapolation hurt): " + "; ".join(
-                              f"{m}: {_ms(s, '+.4f')} (window {summary['methods'][m]['per_seed'][0]['sawtooth']['window']})"
+                              f"{m}: {_ms(s, '+.4f')} "
+                              f"(window {summary['methods'][m]['per_seed'][0]['sawtooth']['window']})"
                               for m, s in saw) + "."]
         refresh = [(m, r) for m, r in summary["methods"].items() if r["refreshes"]["mean"]]
         if refresh:
@@ -558,7 +561,8 @@ def markdown(payload: dict[str, Any]) -> str:
                           f"race): {check['what']}: max |val loss diff| {check['max_abs_val_loss_diff']:.2e}, max "
                           f"|train loss diff| {check['max_abs_train_loss_diff']:.2e}, max |param diff| "
                           f"{check['max_abs_param_diff']:.2e} (param norm {check['param_norm']:.2f}); its step costs "
-                          f"{check['step_cost_vs_adamw']:.2f}x AdamW's (median {check['median_step_cost_vs_adamw']:.2f}x)."]
+                          f"{check['step_cost_vs_adamw']:.2f}x AdamW's "
+                          f"(median {check['median_step_cost_vs_adamw']:.2f}x)."]
         ext = [r for r in entry["races"] if r["kind"] == "extension"]
         if ext:
             lines += ["", f"Extension races: {len(ext)} (anchor {ext[0]['anchor']}); anchor curve reproduced to "

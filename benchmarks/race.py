@@ -148,10 +148,10 @@ def run_race(task: Task, data: TaskData, seed: int, specs: list[EngineSpec], ran
     """Train every engine of ``specs`` for ``task.steps`` steps in lockstep; return per-engine records.
 
     Each record holds the per-step training time (wall clock, and the rank's CPU time; max over ranks),
-    the per-step training loss (mean over ranks), the evaluations, the refreshes and ADMM window ends the optimizer reported, and what DeepSpeed
-    built. ``base_grid`` adds evaluation steps (so that races of one task share their grid). For each
-    pair of keys in ``compare`` the largest absolute difference of the two engines' final module
-    parameters is reported (``info["param_diffs"]``).
+    the per-step training loss (mean over ranks), the evaluations, the refreshes and ADMM window ends the
+    optimizer reported, and what DeepSpeed built. ``base_grid`` adds evaluation steps (so that races of
+    one task share their grid). For each pair of keys in ``compare`` the largest absolute difference of
+    the two engines' final module parameters is reported (``info["param_diffs"]``).
     """
     import deepspeed
     import torch.distributed as dist
@@ -227,6 +227,8 @@ def run_race(task: Task, data: TaskData, seed: int, specs: list[EngineSpec], ran
                 losses[i, step] = float(loss.detach())
                 entry.rng = torch.get_rng_state()
                 _track(entry, step + 1)
+            if (step + 1) % max(1, steps // 10) == 0:
+                logger.info("  seed %d: step %d/%d, %.0f s", seed, step + 1, steps, time.perf_counter() - race_started)
             if step + 1 in grid_set:
                 record(step + 1)
                 tick = time.perf_counter()
