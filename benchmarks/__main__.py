@@ -10,6 +10,8 @@ SUITES = {
     "scaling": "benchmarks.memory_scaling",
     "convergence": "benchmarks.convergence",
     "curvature": "benchmarks.curvature",
+    "stability": "benchmarks.stability",
+    "defaults_search": "benchmarks.defaults_search",
 }
 
 

@@ -218,7 +218,7 @@ def budget_curves(task: Task, world: int) -> dict[str, Any]:
 def calibrate(tasks: dict[str, Task], methods: dict[str, dict], seeds: list[int], world: int, steps: int,
               command: str, what: str = "costs") -> dict[str, Any]:
     """Run the cost and/or budget calibration of ``tasks``; merge into the calibration file."""
-    from tests.helpers.distributed import run_ranks
+    from ds_dho2.dist.local_ranks import run_ranks
 
     previous = json.loads(CALIBRATION_PATH.read_text()) if CALIBRATION_PATH.exists() else {}
     out: dict[str, Any] = {"benchmark": "convergence_calibration", "command": command,

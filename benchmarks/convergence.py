@@ -723,7 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from tests.helpers.distributed import run_ranks
+    from ds_dho2.dist.local_ranks import run_ranks
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -1,0 +1,53 @@
+"""The search behind DHO2's defaults: which settings need fewer steps (and less time) than AdamW.
+
+Runs the convergence suite's lockstep race (``benchmarks/race.py``: DeepSpeed ZeRO-2, W=2, every engine
+on the same batches, lr swept on a 1.5x grid and extended until bracketed) with AdamW, AdamW+ADMM and a
+set of DHO2 variants, each a set of overrides of the library defaults. Results go to
+``benchmarks/results/defaults_search_<task>.{json,md,png}`` in the convergence suite's format: per variant
+the best lr, the final validation loss and the steps / seconds to AdamW's final loss, with the time ratio
+split into step ratio x cost ratio.
+
+    python -m benchmarks defaults_search [--tasks digits,charlm,sst2] [--seeds 1] [--variants NAME,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from benchmarks import convergence
+
+#: variant name -> DHO2 params that replace the library defaults
+VARIANTS: dict[str, dict[str, Any]] = {
+    "DHO2 defaults": {},
+    "int25": {"refresh_interval": 25, "warmup_steps": 25},
+    "int25 a0.3": {"refresh_interval": 25, "warmup_steps": 25, "alpha": 0.3},
+    "int25 a1": {"refresh_interval": 25, "warmup_steps": 25, "alpha": 1.0},
+    "int50 a0.3 k4": {"refresh_interval": 50, "warmup_steps": 50, "alpha": 0.3, "rank": 4},
+    "int25 a0.3 +ADMM": {"refresh_interval": 25, "warmup_steps": 25, "alpha": 0.3, "admm": {"enabled": True}},
+    "AdamW+ADMM w25": {"curvature": {"enabled": False}, "refresh_interval": 25, "admm": {"enabled": True}},
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks defaults_search", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", default="digits,charlm,sst2")
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--steps-scale", type=float, default=1.0)
+    parser.add_argument("--max-extensions", type=int, default=2)
+    args = parser.parse_args(argv)
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for name in names:
+        convergence.METHODS[name] = {"type": "DHO2", "params": VARIANTS[name]}
+    results = {}
+    for task in args.tasks.split(","):
+        results[task] = convergence.main([
+            "--tasks", task, "--seeds", str(args.seeds), "--methods", ",".join(["AdamW", *names]),
+            "--max-extensions", str(args.max_extensions), "--steps-scale", str(args.steps_scale),
+            "--no-reference-check", "--output-name", f"defaults_search_{task}"])
+    return results
+
+
+if __name__ == "__main__":
+    main()
