@@ -23,15 +23,12 @@ Writes ``benchmarks/results/memory_scaling.json`` and ``memory_scaling.png`` and
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import resource
-import socket
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -153,51 +150,10 @@ def rank_worker(rank: int, world: int, quick: bool, micro: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ launcher
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, quick: bool, micro: int, queue: Any) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu",
-                      OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // world)))
-    try:
-        result = rank_worker(rank, world, quick, micro)
-        buffer = io.BytesIO()
-        torch.save(result, buffer)
-        queue.put((rank, "ok", buffer.getvalue()))
-    except BaseException:  # noqa: BLE001
-        queue.put((rank, "error", traceback.format_exc()))
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def launch(world: int, quick: bool, micro: int, timeout: float = 900) -> list[dict]:
-    import torch.multiprocessing as mp
+    from ds_dho2.dist.local_ranks import run_ranks
 
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, quick, micro, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results: dict[int, Any] = {}
-    try:
-        for _ in range(world):
-            rank, status, payload = queue.get(timeout=timeout)
-            if status != "ok":
-                raise RuntimeError(f"rank {rank} failed:\n{payload}")
-            results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.terminate()
-    return [results[r] for r in range(world)]
+    return run_ranks(rank_worker, world, quick, micro, timeout=timeout)
 
 
 # ------------------------------------------------------------------------------------------- report

@@ -25,12 +25,9 @@ Contestants: ``adamw`` (``torch.optim.AdamW(foreach=True)``; under DeepSpeed its
 from __future__ import annotations
 
 import argparse
-import io
-import os
 import random
 import statistics
 import time
-import traceback
 from typing import Any
 
 import torch
@@ -211,57 +208,21 @@ def analyse(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------- multi-process (W > 1)
-def _rank_entry(rank: int, world: int, port: int, task_name: str, steps: int, quick: bool, queue: Any) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    try:
-        import ds_dho2  # noqa: F401 - registers DHO2
+def _rank_race(rank: int, world: int, task_name: str, steps: int, quick: bool) -> dict[str, Any]:
+    import ds_dho2  # noqa: F401 - registers DHO2
 
-        torch.set_num_threads(1)
-        result = race(TASKS[task_name](quick), steps, quick, world, rank)
-        buffer = io.BytesIO()
-        torch.save(result, buffer)
-        queue.put((rank, "ok", buffer.getvalue()))
-    except BaseException:  # noqa: BLE001
-        queue.put((rank, "error", traceback.format_exc()))
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    torch.set_num_threads(1)
+    return race(TASKS[task_name](quick), steps, quick, world, rank)
 
 
 def race_distributed(task_name: str, steps: int, quick: bool, world: int) -> dict[str, Any]:
     """The race on ``world`` gloo ranks under DeepSpeed ZeRO-2; a step's time is the slowest rank's."""
-    import socket
+    from ds_dho2.dist.local_ranks import run_ranks
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    processes = [context.Process(target=_rank_entry, args=(r, world, port, task_name, steps, quick, queue))
-                 for r in range(world)]
-    for process in processes:
-        process.start()
-    results: dict[int, Any] = {}
-    try:
-        for _ in range(world):
-            rank, status, payload = queue.get(timeout=3600)
-            if status != "ok":
-                raise RuntimeError(f"rank {rank} failed:\n{payload}")
-            results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
-    finally:
-        for process in processes:
-            process.join(timeout=30)
-            if process.is_alive():
-                process.terminate()
+    results = run_ranks(_rank_race, world, task_name, steps, quick, timeout=3600)
     merged = results[0]
     for name in CONTESTANTS:
-        merged[name]["times"] = [max(r[name]["times"][i] for r in results.values())
-                                 for i in range(len(merged[name]["times"]))]
+        merged[name]["times"] = [max(r[name]["times"][i] for r in results) for i in range(len(merged[name]["times"]))]
     return merged
 
 

@@ -74,8 +74,7 @@ def reach(evals: list[dict], seconds: list[float], target: float) -> tuple[int |
 
 def summarise(result: dict) -> dict[str, Any]:
     engines = result["engines"]
-    adamw, dho2 = engines["AdamW"], engines["DHO2"]
-    target = adamw["evals"][-1]["val_loss"]
+    target = engines["AdamW"]["evals"][-1]["val_loss"]
     rows: dict[str, Any] = {}
     for name, run in engines.items():
         step, seconds = reach(run["evals"], run["step_seconds"], target)

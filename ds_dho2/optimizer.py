@@ -223,7 +223,7 @@ class DHO2(torch.optim.Optimizer):
             self.adopt_checkpoint_state(universal=True)
         key = group["params"][0]
         state = self.state[key]
-        layout = self._current_layout()
+        self._current_layout()  # binds the tracker to the layout
         device, dtype = key.device, torch.promote_types(key.dtype, torch.float32)
         if not state:
             numel = self._numel()

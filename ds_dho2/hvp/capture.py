@@ -4,7 +4,6 @@ carries a loss, and math attention on the forwards whose gradient graph will be 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
