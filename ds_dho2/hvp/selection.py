@@ -140,6 +140,43 @@ class StrategyChooser:
             return open_session(fallback, inputs)
         return open_session(self.resolved, inputs)
 
+    @staticmethod
+    def _disagreeing(products: dict[HVPMethod, torch.Tensor], sessions: dict[HVPMethod, ProductSession],
+                     measured: dict[HVPMethod, dict[str, Any]], inputs: ProductInputs) -> list[HVPMethod]:
+        """The strategies whose products must not be trusted, from how the replayed products agree.
+
+        Exact modes can be silently wrong (an op whose backward is not differentiable again can yield a
+        partial product instead of an error), finite differences only imprecise. So: two exact modes that
+        agree are the reference and finite differences must match them; a lone exact mode that disagrees
+        with finite differences computed in float32 or better is dropped, together with the graph route
+        (it relies on the same second-order autograd), and with lower precision finite differences are.
+        """
+        fd = HVPMethod.FINITE_DIFFERENCE
+        exact = [m for m in _EXACT if m in products]
+        if fd not in products or not exact:
+            return []
+
+        def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+            return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+        errors = {m: relative(products[fd], products[m]) for m in exact}
+        measured[fd]["relative_error"] = min(errors.values())
+        if all(e <= _AGREEMENT_RTOL for e in errors.values()):
+            return []
+        exact_agree = len(exact) == 2 and relative(products[exact[0]], products[exact[1]]) <= _AGREEMENT_RTOL
+        precise = max(torch.finfo(p.dtype).eps for p in inputs.params) <= torch.finfo(torch.float32).eps
+        if exact_agree or not precise:
+            return [fd]
+        dropped = [m for m in exact if errors[m] > _AGREEMENT_RTOL]
+        if HVPMethod.GRAPH in sessions:
+            dropped.append(HVPMethod.GRAPH)
+        for method in dropped:
+            measured[method]["error"] = "disagrees with finite differences (incomplete second-order autograd?)"
+        logger.warning("DHO2: %s products disagree with finite differences (relative difference %.2g): an op "
+                       "without a correct double backward / forward-mode rule? Using finite differences.",
+                       "/".join(m.value for m in dropped), max(errors.values()))
+        return dropped
+
     def _choose(self, inputs: ProductInputs, expected_products: int, comm: Communicator) -> ProductSession:
         candidates = inputs.available()
         if not candidates:
@@ -180,13 +217,9 @@ class StrategyChooser:
                 continue
             cost = opened[method] / expected_products + min(seconds[method])
             measured[method] = {"available": True, "seconds_per_product": cost}
-        reference = next((products[m] for m in _EXACT if m in products), None)
-        if HVPMethod.FINITE_DIFFERENCE in products and reference is not None:
-            error = float((products[HVPMethod.FINITE_DIFFERENCE] - reference).norm() / reference.norm().clamp_min(1e-30))
-            measured[HVPMethod.FINITE_DIFFERENCE]["relative_error"] = error
-            if error > _AGREEMENT_RTOL:
-                measured[HVPMethod.FINITE_DIFFERENCE]["available"] = False
-                sessions.pop(HVPMethod.FINITE_DIFFERENCE).close()
+        for method in self._disagreeing(products, sessions, measured, inputs):
+            measured[method]["available"] = False
+            sessions.pop(method).close()
         order = list(HVPMethod)
         costs = torch.tensor([measured[m]["seconds_per_product"] if m in sessions else float("inf") for m in order],
                              dtype=torch.float64, device=inputs.params[0].device)
