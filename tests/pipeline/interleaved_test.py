@@ -170,3 +170,36 @@ def test_deepspeed_checkpoint_mid_interleaved_refresh_resumes_exactly(tmp_path) 
         for a, b in zip(before["params"], after["params"]):
             assert torch.equal(a, b)
         assert torch.equal(before["eigenvalues"], after["eigenvalues"])
+
+
+def test_resume_in_the_middle_of_a_warm_started_adaptive_refresh_is_exact() -> None:
+    """The second refresh starts from the first one's eigenvectors (warm), may stop early on convergence and
+    the interval adapts to the measured rotation: a checkpoint taken while it is in flight resumes exactly."""
+    batches = minibatches(40)
+
+    def build(model: torch.nn.Module) -> DHO2:
+        return make_optimizer(model, "interleaved", refresh_interval=6, warmup_steps=3, lanczos_order=12,
+                              iterations_per_step=2, curvature={"mode": "interleaved", "iterations_per_step": 2,
+                                                                "max_interval": 24, "tolerance": 0.2})
+
+    model = Classifier()
+    opt = build(model)
+    checkpoint_at = None
+    for step in range(40):
+        train(model, opt, range(step, step + 1), batches)
+        stats = opt.curvature_stats()
+        if opt.local_lanczos_basis is not None and stats.get("refresh_count", 0) >= 1 and stats.get("warm_start"):
+            checkpoint_at = step + 1
+            break
+    assert checkpoint_at is not None, "a warm-started refresh must be in flight at some step"
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    train(model, opt, range(checkpoint_at, 40), batches)
+    resumed = Classifier()
+    resumed.load_state_dict(saved_model)
+    resumed_opt = build(resumed)
+    resumed_opt.load_state_dict(saved_opt)
+    train(resumed, resumed_opt, range(checkpoint_at, 40), batches)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert opt.curvature_stats()["refresh_count"] == resumed_opt.curvature_stats()["refresh_count"] >= 3
+    torch.testing.assert_close(opt.eigenvalues, resumed_opt.eigenvalues, rtol=0, atol=0)
