@@ -85,7 +85,7 @@ class DHO2(torch.optim.Optimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, *, base: str = "adamw", momentum: float = 0.9,
                  rank: int = 8, lanczos_order: int | None = None, alpha: float = 0.1,
                  newton_momentum: float = 0.9, refresh_interval: int = 100, warmup_steps: int | None = None,
-                 lr_clip: float | None = None, eig_floor: float = 1e-4, newton_max_ratio: float = 10.0,
+                 lr_clip: float | None = None, eig_floor: float = 1e-4, newton_max_ratio: float = 3.0,
                  hvp: str = "auto", lanczos_dtype: str = "float32", max_nonfinite_steps: int = 10, seed: int = 0,
                  curvature: dict | None = None, admm: dict | None = None, **unknown: Any) -> None:
         if unknown:
@@ -429,7 +429,8 @@ class DHO2(torch.optim.Optimizer):
             newton = momentum * basis.inverse_magnitude(dtype) * alpha
             base_scale = hybrid.newton_scale(basis.values, cfg.lr_clip).to(dtype) if not adam_type else 1.0
             finish = hybrid.finish_update(direction, basis, newton, comm, base_scale=base_scale,
-                                          newton_max_ratio=cfg.newton_max_ratio)
+                                          newton_max_ratio=cfg.newton_max_ratio,
+                                          total_numel=self._current_layout().total_numel)
             stats.update(subspace_grad_fraction=split.coefficients.norm() / split.grad_sq.clamp_min(1e-300).sqrt(),
                          newton_trust_scale=finish.trust_scale)
         if curvature.get(K.ADMM_PENDING_STEPS):

@@ -77,33 +77,36 @@ def newton_scale(values: torch.Tensor, lr_clip: float) -> torch.Tensor:
 
 @dataclasses.dataclass
 class Finish:
-    """What :func:`finish_update` did: the trust-region scale (1 = untouched), a 0-dim tensor."""
+    """What :func:`finish_update` did: the share of the Newton step the trust region kept (1 = untouched,
+    the ratio of the clipped to the unclipped coefficients' absolute sums), a 0-dim tensor."""
 
     trust_scale: torch.Tensor
 
 
 def finish_update(direction: torch.Tensor, basis: Basis, newton_coefficients: torch.Tensor, comm: Communicator, *,
-                  base_scale: torch.Tensor | float, newton_max_ratio: float) -> Finish:
+                  base_scale: torch.Tensor | float, newton_max_ratio: float, total_numel: int) -> Finish:
     """Steps 4-7 in place: ``d <- s * (d - V^T V d) - V^T n``, the whole update of this step, where ``d``
     is the base step and ``n`` (k coefficients) the Newton step ``alpha * u / |lambda|``.
 
-    Trust region: ``n`` is scaled so that its global norm (``||V^T n|| = ||n||`` for an orthonormal
-    basis) stays within ``newton_max_ratio`` times that of the base step ``s * (d - V^T V d)``, which
-    guards against tiny eigenvalues turning ``u / |lambda|`` into a jump. A non-finite Newton step is
-    replaced by zero (the base step still applies).
+    Trust region, per direction: ``|n_i|`` may not exceed ``newton_max_ratio`` times the root-mean-square
+    per-parameter move of the base step, ``||s (d - V^T V d)|| / sqrt(P)`` -- for an AdamW base about the
+    learning rate. So no subspace direction moves much further than the base optimizer moves any
+    parameter: an eigenvalue underestimated on a small or already memorised batch (``|lambda| -> 0``) cannot
+    turn ``u / |lambda|`` into a jump, while the sharp directions keep their short Newton steps. A
+    non-finite Newton step is replaced by zero (the base step still applies).
     """
     vectors = basis.vectors.to(direction.dtype) if basis.vectors.dtype != direction.dtype else basis.vectors
     partial = comm.all_reduce(torch.cat([vectors @ direction, torch.dot(direction, direction).reshape(1)]))
     in_subspace, direction_sq = partial[:-1], partial[-1]
-    base_norm = (direction_sq - in_subspace.square().sum()).clamp_min(0).sqrt() * base_scale
-    newton_norm = newton_coefficients.norm()
-    limit = newton_max_ratio * base_norm
-    trust = torch.where(newton_norm > limit, limit / newton_norm.clamp_min(1e-30), torch.ones_like(newton_norm))
-    newton = torch.nan_to_num(newton_coefficients * trust, nan=0.0, posinf=0.0, neginf=0.0)
+    base_rms = (direction_sq - in_subspace.square().sum()).clamp_min(0).sqrt() * base_scale / total_numel ** 0.5
+    limit = newton_max_ratio * base_rms
+    newton = torch.nan_to_num(newton_coefficients, nan=0.0, posinf=0.0, neginf=0.0)
+    clipped = torch.minimum(torch.maximum(newton, -limit), limit)
+    trust = (clipped.abs().sum() / newton.abs().sum().clamp_min(1e-30)).clamp(max=1.0)
     if not isinstance(base_scale, float) or base_scale != 1.0:
         direction.mul_(base_scale)
         in_subspace = in_subspace * base_scale
-    direction.addmv_(vectors.t(), in_subspace + newton, alpha=-1)
+    direction.addmv_(vectors.t(), in_subspace + clipped, alpha=-1)
     return Finish(trust_scale=trust)
 
 

@@ -114,7 +114,7 @@ def test_heavyball_newton_scale_is_clipped_at_lr_clip():
     """lambda_max / lambda_min = 50 / 8 = 6.25 exceeds lr_clip=2; a wrong s would move x differently."""
     model = Quadratic(EIGENVALUES)
     opt = DHO2(model.parameters(), lr=0.01, base="heavyball", rank=3, lanczos_order=P, warmup_steps=1,
-               refresh_interval=100, lr_clip=2.0, **EXACT_LANCZOS)
+               refresh_interval=100, lr_clip=2.0, newton_max_ratio=EXACT_FORMULA, **EXACT_LANCZOS)
     opt.attach(model)
     expected = _reference_steps(model, steps=3, rank=3, base="heavyball", reference_lr=0.01, lr_at=lambda t: 0.01,
                                 lr_clip=2.0)

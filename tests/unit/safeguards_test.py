@@ -239,7 +239,7 @@ def test_newton_step_is_capped_relative_to_base_step() -> None:
     uncapped, _ = run(1e12)
     assert opt.eigenvalues is not None and opt.eigenvalues.abs().max() < 1e-5
     assert opt.curvature_stats()["newton_trust_scale"] < 1e-3
-    assert (capped - 1.0).abs().max() < 1.0, "capped step stays within 10x the AdamW step"
+    assert (capped - 1.0).abs().max() < 1.0, "capped: each direction moves at most 10x the base step's RMS move"
     assert (uncapped - 1.0).abs().max() > 1e4, "without the cap the Newton step jumps"
     assert torch.isfinite(capped).all()
 
