@@ -26,7 +26,7 @@ from ds_dho2 import state_keys as K
 from ds_dho2.config import ADMMExtrapolation, BaseOptimizer, DHO2Config, HVPMethod
 from ds_dho2.core import hybrid
 from ds_dho2.core.admm import window_end_extrapolation
-from ds_dho2.core.first_order import adamw_direction, heavyball_direction
+from ds_dho2.core.first_order import adamw_direction, fused_adamw_direction, heavyball_direction
 from ds_dho2.curvature.tracker import CurvatureTracker
 from ds_dho2.dist.comm import Communicator, LocalCommunicator
 from ds_dho2.dist.layout import ShardLayout
@@ -39,6 +39,11 @@ logger = logging.getLogger(__name__)
 
 class NonFiniteGradientError(RuntimeError):
     """Gradients stayed inf/NaN for ``max_nonfinite_steps`` consecutive steps; training cannot go on."""
+
+
+def _views(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of consecutive slices of ``flat`` shaped like ``params``."""
+    return [chunk.view_as(p) for chunk, p in zip(flat.split([p.numel() for p in params]), params)]
 
 
 def _merge_param_groups(params: Iterable[Any], weight_decay: float) -> tuple[list[torch.Tensor], list[float], dict]:
@@ -125,6 +130,11 @@ class DHO2(torch.optim.Optimizer):
         self._is_boundary: Callable[[], bool] = lambda: True
         self._weight_decay_vector: torch.Tensor | None = None
         self._grad_buffer: torch.Tensor | None = None
+        self._direction_buffer: torch.Tensor | None = None
+        self._direction_views: list[torch.Tensor] | None = None
+        self._inverse_cache: tuple | None = None
+        self._grad_views: list[torch.Tensor] = []
+        self._fused_adamw = True  # one torch._fused_adamw_ kernel for the base step, where it runs
         self._step_stats: dict[str, Any] = {}
         self._warned: set[str] = set()
 
@@ -374,14 +384,12 @@ class DHO2(torch.optim.Optimizer):
         numel = self._numel()
         if self._grad_buffer is None or self._grad_buffer.numel() != numel or self._grad_buffer.dtype != dtype:
             self._grad_buffer = torch.empty(numel, dtype=dtype, device=params[0].device)
-        if any(g is None for g in grads) or any(g.dtype != dtype for g in grads if g is not None):
-            offset = 0
-            for p, g in zip(params, grads):
-                view = self._grad_buffer[offset:offset + p.numel()]
-                view.zero_() if g is None else view.copy_(g.reshape(-1))
-                offset += p.numel()
+            self._grad_views = _views(self._grad_buffer, params)
+        if any(g is None for g in grads):
+            for view, g in zip(self._grad_views, grads):
+                view.zero_() if g is None else view.copy_(g)
         else:
-            torch.cat([g.reshape(-1) for g in grads], out=self._grad_buffer)
+            torch._foreach_copy_(self._grad_views, grads)  # one call; casts where dtypes differ
         return self._grad_buffer
 
     def _weight_decay(self, group: dict, numel_dtype: torch.dtype, device: torch.device) -> float | torch.Tensor:
@@ -410,12 +418,24 @@ class DHO2(torch.optim.Optimizer):
         split = hybrid.split_gradient(grad, basis, comm)
         keep_flag = split.nonfinite == 0
         keep = keep_flag.to(dtype)
-        complement = torch.where(keep_flag, split.complement, 0.0)
         adam_type = cfg.base is BaseOptimizer.ADAMW
-        if adam_type:
+        direction = None
+        if adam_type and self._fused_adamw:
+            if self._direction_buffer is None or self._direction_buffer.shape != grad.shape:
+                self._direction_buffer = torch.empty_like(grad)
+                self._direction_views = None
+            direction = fused_adamw_direction(split.complement, state[K.EXP_AVG], state[K.EXP_AVG_SQ],
+                                              state[K.APPLIED_STEPS], keep, self._direction_buffer, lr=lr,
+                                              betas=group["betas"], eps=group["eps"])
+            self._fused_adamw = direction is not None
+        if direction is not None:
+            pass
+        elif adam_type:
+            complement = torch.where(keep_flag, split.complement, 0.0)
             direction = adamw_direction(complement, state[K.EXP_AVG], state[K.EXP_AVG_SQ], state[K.APPLIED_STEPS],
                                         keep, lr=lr, betas=group["betas"], eps=group["eps"])
         else:
+            complement = torch.where(keep_flag, split.complement, 0.0)
             state[K.APPLIED_STEPS].add_(keep)
             direction = heavyball_direction(complement, state[K.MOMENTUM_BUFFER], keep, lr=lr,
                                             momentum=group["momentum"])
@@ -426,15 +446,14 @@ class DHO2(torch.optim.Optimizer):
             hybrid.update_newton_momentum(momentum, coefficients, group["newton_momentum"], adam_type, keep)
             reference_lr = group["reference_lr"]
             alpha = group["alpha"] * (lr / reference_lr if reference_lr > 0 else 1.0)
-            newton = momentum * basis.inverse_magnitude(dtype) * alpha
+            newton = momentum * self._inverse_magnitude(basis, dtype) * (keep * alpha)  # skipped step: nothing
             base_scale = hybrid.newton_scale(basis.values, cfg.lr_clip).to(dtype) if not adam_type else 1.0
             finish = hybrid.finish_update(direction, basis, newton, comm, base_scale=base_scale,
                                           newton_max_ratio=cfg.newton_max_ratio,
                                           total_numel=self._current_layout().total_numel)
-            stats.update(subspace_grad_fraction=split.coefficients.norm() / split.grad_sq.clamp_min(1e-300).sqrt(),
-                         newton_trust_scale=finish.trust_scale)
+            stats.update(subspace_grad_fraction=(split.coefficients, split.grad_sq), newton_trust_scale=finish)
         if curvature.get(K.ADMM_PENDING_STEPS):
-            direction.add_(curvature[K.ADMM_PENDING])  # the spread extrapolation's share of this step
+            direction.add_(curvature[K.ADMM_PENDING] * keep)  # the spread extrapolation's share of this step
             curvature[K.ADMM_PENDING_STEPS] -= 1
             if curvature[K.ADMM_PENDING_STEPS] == 0:
                 curvature[K.ADMM_PENDING] = None
@@ -446,6 +465,12 @@ class DHO2(torch.optim.Optimizer):
         if cfg.admm.enabled and step % cfg.admm_window == 0:
             self._admm_window_end(curvature)
         self._step_stats = stats
+
+    def _inverse_magnitude(self, basis: hybrid.Basis, dtype: torch.dtype) -> torch.Tensor:
+        """``1 / |lambda|`` of the installed basis, computed once per install."""
+        if self._inverse_cache is None or self._inverse_cache[0] is not basis or self._inverse_cache[1] != dtype:
+            self._inverse_cache = (basis, dtype, basis.inverse_magnitude(dtype))
+        return self._inverse_cache[2]
 
     def _newton_momentum(self, curvature: dict, basis: hybrid.Basis, dtype: torch.dtype) -> torch.Tensor:
         """The coefficient-space momentum in the current basis (carried over at each install)."""
@@ -471,13 +496,19 @@ class DHO2(torch.optim.Optimizer):
                 x.mul_(1 - lr * weight_decay * keep)
             x.add_(update.to(x.dtype))
             return
-        tensors = [p.data for p in params]
         if isinstance(weight_decay, torch.Tensor):
             update = update - (lr * weight_decay * keep) * self._flat_x()
         elif weight_decay != 0:
-            torch._foreach_mul_(tensors, 1 - lr * weight_decay * keep)
-        views = [chunk.view_as(p).to(p.dtype) for chunk, p in zip(update.split([p.numel() for p in params]), params)]
-        torch._foreach_add_(tensors, views)
+            torch._foreach_mul_(params, 1 - lr * weight_decay * keep)
+        if update is not self._direction_buffer or self._direction_views is None:
+            views = _views(update, params)
+            if update is self._direction_buffer:
+                self._direction_views = views
+        else:
+            views = self._direction_views
+        if views[0].dtype != params[0].dtype:
+            views = [v.to(p.dtype) for v, p in zip(views, params)]
+        torch._foreach_add_(params, views)
 
     def _admm_window_end(self, curvature: dict) -> None:
         """The window end of DESIGN.md section 4, with the configured extrapolation (``core/admm.py``)."""
@@ -628,6 +659,10 @@ class DHO2(torch.optim.Optimizer):
         scale and ADMM extrapolation norm, as plain numbers (read from the device here, not in the step)."""
         stats = {k: v for k, v in self.tracker.stats.items() if not k.endswith("_partial")}
         for key, value in self._step_stats.items():
+            if isinstance(value, hybrid.Finish):
+                value = hybrid.trust_scale(value)
+            elif isinstance(value, tuple):  # (coefficients, ||g||^2): ||V g|| / ||g||
+                value = float(value[0].norm() / value[1].clamp_min(1e-300).sqrt())
             stats[key] = float(value) if torch.is_tensor(value) else value
         if self.tracker.chooser.report:
             stats["hvp_report"] = self.tracker.chooser.report

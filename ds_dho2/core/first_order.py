@@ -11,6 +11,27 @@ from __future__ import annotations
 import torch
 
 
+def fused_adamw_direction(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                          step: torch.Tensor, keep: torch.Tensor, out: torch.Tensor, *, lr: float,
+                          betas: tuple[float, float], eps: float) -> torch.Tensor | None:
+    """:func:`adamw_direction` in one ``torch._fused_adamw_`` kernel (``found_inf`` skips a masked step),
+    written into ``out``; None where the kernel is missing or refuses these tensors (then use the
+    unfused function)."""
+    fused = getattr(torch, "_fused_adamw_", None)
+    if fused is None:
+        return None
+    step.add_(keep)
+    out.zero_()
+    try:
+        fused([out], [grad], [exp_avg], [exp_avg_sq], [], [step], lr=lr, beta1=betas[0], beta2=betas[1],
+              weight_decay=0.0, eps=eps, amsgrad=False, maximize=False, grad_scale=None,
+              found_inf=(1 - keep).to(torch.float32))
+    except (RuntimeError, NotImplementedError):
+        step.sub_(keep)
+        return None
+    return out
+
+
 def adamw_direction(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: torch.Tensor,
                     keep: torch.Tensor, *, lr: float, betas: tuple[float, float], eps: float) -> torch.Tensor:
     """Update the Adam moments and the step count in place; return ``-lr * m_hat / (sqrt(v_hat) + eps)``.

@@ -38,8 +38,8 @@ class Basis:
 
 @dataclasses.dataclass
 class Split:
-    """A gradient split by the basis: coefficients ``c = V g``, complement ``g - V^T c`` and the
-    all-reduced extras that rode along (``||g||^2`` and the non-finite count)."""
+    """A gradient split by the basis: coefficients ``c = V g``, complement ``g - V^T c``, the all-reduced
+    ``||g||^2`` and a 0/1 flag: some rank's gradient is non-finite."""
 
     coefficients: torch.Tensor
     complement: torch.Tensor
@@ -48,18 +48,20 @@ class Split:
 
 
 def split_gradient(grad: torch.Tensor, basis: Basis | None, comm: Communicator) -> Split:
-    """Steps 1-2: ``c = sum_r V_r g_r`` and ``g2 = g - V^T c`` with one all-reduce of k + 2 numbers,
-    which also carries ``||g||^2`` and the number of ranks whose gradient has an inf or NaN."""
-    bad = (~torch.isfinite(grad)).any().to(grad.dtype).reshape(1)
+    """Steps 1-2: ``c = sum_r V_r g_r`` and ``g2 = g - V^T c`` with one all-reduce of k + 1 numbers, which
+    also carries ``||g||^2``: it is non-finite exactly when some rank's gradient has an inf or NaN (or
+    overflows when squared), so no separate pass looks for them (``nonfinite`` is then 1)."""
     grad_sq = torch.dot(grad, grad).reshape(1)
     if basis is None:
-        extras = comm.all_reduce(torch.cat([grad_sq, bad]))
-        return Split(coefficients=grad.new_zeros(0), complement=grad, grad_sq=extras[0], nonfinite=extras[1])
+        grad_sq = comm.all_reduce(grad_sq)[0]
+        return Split(coefficients=grad.new_zeros(0), complement=grad, grad_sq=grad_sq,
+                     nonfinite=(~torch.isfinite(grad_sq)).to(grad.dtype))
     vectors = basis.vectors.to(grad.dtype) if basis.vectors.dtype != grad.dtype else basis.vectors
-    partial = comm.all_reduce(torch.cat([vectors @ grad, grad_sq, bad]))
-    coefficients = partial[:-2]
+    partial = comm.all_reduce(torch.cat([vectors @ grad, grad_sq]))
+    coefficients, grad_sq = partial[:-1], partial[-1]
     complement = torch.addmv(grad, vectors.t(), coefficients, alpha=-1)
-    return Split(coefficients=coefficients, complement=complement, grad_sq=partial[-2], nonfinite=partial[-1])
+    return Split(coefficients=coefficients, complement=complement, grad_sq=grad_sq,
+                 nonfinite=(~torch.isfinite(grad_sq)).to(grad.dtype))
 
 
 def update_newton_momentum(momentum: torch.Tensor, coefficients: torch.Tensor, beta: float, adam_type: bool,
@@ -77,10 +79,18 @@ def newton_scale(values: torch.Tensor, lr_clip: float) -> torch.Tensor:
 
 @dataclasses.dataclass
 class Finish:
-    """What :func:`finish_update` did: the share of the Newton step the trust region kept (1 = untouched,
-    the ratio of the clipped to the unclipped coefficients' absolute sums), a 0-dim tensor."""
+    """What :func:`finish_update` did: the Newton coefficients asked for and those the trust region let
+    through (read lazily: :func:`trust_scale`)."""
 
-    trust_scale: torch.Tensor
+    requested: torch.Tensor
+    applied: torch.Tensor
+
+
+def trust_scale(finish: Finish) -> float:
+    """The share of the Newton step the trust region kept (1 = untouched): the ratio of the applied to the
+    requested coefficients' absolute sums."""
+    requested = float(finish.requested.abs().sum())
+    return 1.0 if requested == 0 else min(1.0, float(finish.applied.abs().sum()) / requested)
 
 
 def finish_update(direction: torch.Tensor, basis: Basis, newton_coefficients: torch.Tensor, comm: Communicator, *,
@@ -102,12 +112,11 @@ def finish_update(direction: torch.Tensor, basis: Basis, newton_coefficients: to
     limit = newton_max_ratio * base_rms
     newton = torch.nan_to_num(newton_coefficients, nan=0.0, posinf=0.0, neginf=0.0)
     clipped = torch.minimum(torch.maximum(newton, -limit), limit)
-    trust = (clipped.abs().sum() / newton.abs().sum().clamp_min(1e-30)).clamp(max=1.0)
     if not isinstance(base_scale, float) or base_scale != 1.0:
         direction.mul_(base_scale)
         in_subspace = in_subspace * base_scale
     direction.addmv_(vectors.t(), in_subspace + clipped, alpha=-1)
-    return Finish(trust_scale=trust)
+    return Finish(requested=newton, applied=clipped)
 
 
 def transition_matrix(new: torch.Tensor, old: torch.Tensor, comm: Communicator) -> torch.Tensor:

@@ -170,6 +170,34 @@ def test_non_finite_gradient_skips_step_and_leaves_state_alone(caplog):
     assert state["step"] == 6 and float(state["applied_steps"]) == 5  # calls vs. steps applied (bias correction)
 
 
+def test_non_finite_gradient_with_a_basis_installed_moves_nothing() -> None:
+    """With a curvature basis and Newton momentum in place, a skipped step must not apply the Newton step
+    either (nor touch the moments)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    opt = DHO2(model.parameters(), lr=1e-2, rank=2, warmup_steps=1, refresh_interval=100, alpha=1.0).attach(
+        model, loss_fn=lambda output, args, kwargs: torch.nn.functional.cross_entropy(output, y))
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert opt.eigenvalues is not None
+    state = opt.state[opt.param_groups[0]["params"][0]]
+    moments = [state["exp_avg"].clone(), state["exp_avg_sq"].clone()]
+    momentum = state["dho2"]["newton_momentum"].clone()
+    assert momentum.abs().max() > 0
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    opt.step()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+    assert torch.equal(state["exp_avg"], moments[0]) and torch.equal(state["exp_avg_sq"], moments[1])
+    assert torch.equal(state["dho2"]["newton_momentum"], momentum)
+
+
 def test_nan_gradient_in_one_of_several_params_skips_step():
     model = torch.nn.Linear(3, 2)
     opt = DHO2(model.parameters(), lr=1e-1, warmup_steps=10)
