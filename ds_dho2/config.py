@@ -204,7 +204,7 @@ class DHO2Config:
     warmup_steps: int | None = None
     lr_clip: float | None = None
     eig_floor: float = 1e-4
-    newton_max_ratio: float = 3.0
+    newton_max_ratio: float = 10.0
     hvp: HVPMethod = HVPMethod.AUTO
     lanczos_dtype: str = "float32"
     max_nonfinite_steps: int = 10

@@ -90,7 +90,7 @@ class DHO2(torch.optim.Optimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, *, base: str = "adamw", momentum: float = 0.9,
                  rank: int = 8, lanczos_order: int | None = None, alpha: float = 0.1,
                  newton_momentum: float = 0.9, refresh_interval: int = 100, warmup_steps: int | None = None,
-                 lr_clip: float | None = None, eig_floor: float = 1e-4, newton_max_ratio: float = 3.0,
+                 lr_clip: float | None = None, eig_floor: float = 1e-4, newton_max_ratio: float = 10.0,
                  hvp: str = "auto", lanczos_dtype: str = "float32", max_nonfinite_steps: int = 10, seed: int = 0,
                  curvature: dict | None = None, admm: dict | None = None, **unknown: Any) -> None:
         if unknown:
