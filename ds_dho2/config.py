@@ -127,7 +127,7 @@ class ADMMConfig:
     curvature batch does not rise, and falls back to ``"spread"`` when that loss cannot be re-evaluated.
     """
 
-    enabled: bool = False
+    enabled: bool = True
     rho: float = 5e-9
     window: int | None = None
     max_extrapolation_ratio: float = 0.05
@@ -196,11 +196,11 @@ class DHO2Config:
     weight_decay: float = 0.0
     base: BaseOptimizer = BaseOptimizer.ADAMW
     momentum: float = 0.9
-    rank: int = 8
+    rank: int = 4
     lanczos_order: int | None = None
     alpha: float = 0.1
     newton_momentum: float = 0.9
-    refresh_interval: int = 100
+    refresh_interval: int = 50
     warmup_steps: int | None = None
     lr_clip: float | None = None
     eig_floor: float = 1e-4

@@ -88,8 +88,8 @@ class DHO2(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, *, base: str = "adamw", momentum: float = 0.9,
-                 rank: int = 8, lanczos_order: int | None = None, alpha: float = 0.1,
-                 newton_momentum: float = 0.9, refresh_interval: int = 100, warmup_steps: int | None = None,
+                 rank: int = 4, lanczos_order: int | None = None, alpha: float = 0.1,
+                 newton_momentum: float = 0.9, refresh_interval: int = 50, warmup_steps: int | None = None,
                  lr_clip: float | None = None, eig_floor: float = 1e-4, newton_max_ratio: float = 10.0,
                  hvp: str = "auto", lanczos_dtype: str = "float32", max_nonfinite_steps: int = 10, seed: int = 0,
                  curvature: dict | None = None, admm: dict | None = None, **unknown: Any) -> None:
@@ -514,7 +514,8 @@ class DHO2(torch.optim.Optimizer):
         """The window end of DESIGN.md section 4, with the configured extrapolation (``core/admm.py``)."""
         cfg = self.config.admm
         mode = cfg.extrapolation
-        replay = self._capture.replay_closure(self.config.curvature.batch_fraction) \
+        fraction = 1.0 if self.tracker.chooser.whole_batch else self.config.curvature.batch_fraction
+        replay = self._capture.replay_closure(fraction) \
             if self._capture is not None and self._capture.can_replay else None
         if mode is ADMMExtrapolation.CHECKED and replay is None:
             self._warn_once("admm_checked", "DHO2 admm.extrapolation='checked' needs a loss it can re-evaluate (a "
@@ -525,7 +526,12 @@ class DHO2(torch.optim.Optimizer):
         lag = before = None
         if mode is ADMMExtrapolation.CHECKED:
             lag = self._module_lag(x)
-            before = self._admm_loss(replay, lag)
+            try:
+                before = self._admm_loss(replay, lag)
+            except (RuntimeError, ValueError, TypeError) as error:
+                self._warn_once("admm_checked_failed", "DHO2 cannot re-evaluate the loss for admm.extrapolation="
+                                "'checked' (%s); spreading the extrapolation instead.", error)
+                mode = ADMMExtrapolation.SPREAD
         result = window_end_extrapolation(x, dual, anchor, rho=cfg.rho, max_extrapolation_ratio=cfg.max_extrapolation_ratio,
                                           comm=self._comm)
         curvature[K.ADMM_WINDOWS] = curvature.get(K.ADMM_WINDOWS, 0) + 1

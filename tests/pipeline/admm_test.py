@@ -69,7 +69,7 @@ def test_hybrid_update_sees_dual_augmented_gradient() -> None:
     coupled = DHO2(coupled_model.parameters(), **config,
                    admm={"enabled": True, "rho": rho, "window": window, "max_extrapolation_ratio": 1e9,
                          "extrapolation": "jump"}).attach(coupled_model)
-    reference = DHO2(reference_model.parameters(), **config).attach(reference_model)
+    reference = DHO2(reference_model.parameters(), **config, admm={"enabled": False}).attach(reference_model)
     dual = torch.zeros(12, dtype=torch.float64)
     anchor = reference_model.x.detach().clone()
     for step in range(1, 13):

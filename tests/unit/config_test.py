@@ -134,8 +134,11 @@ def test_non_mapping_params_rejected(params):
 
 def test_valid_config_defaults_and_round_trip():
     config = DHO2Config.from_dict({"rank": 4, "base": "HeavyBall", "curvature": {"mode": "interleaved"}})
-    assert config.lanczos_order == 8 and config.warmup_steps == config.refresh_interval == 100
-    assert config.lanczos_dtype == "float32" and config.max_refresh_interval == 400
+    assert config.lanczos_order == 8 and config.warmup_steps == config.refresh_interval == 50
+    assert config.lanczos_dtype == "float32" and config.max_refresh_interval == 200
+    defaults = DHO2Config()
+    assert defaults.rank == 4 and defaults.newton_max_ratio == 10.0
+    assert defaults.admm.enabled and defaults.admm.extrapolation.value == "checked" and defaults.admm_window == 50
     assert config.lr_clip == 3.0 and config.base.value == "heavyball"
     assert DHO2Config.from_dict(config.to_dict()) == config
     assert DHO2Config.from_dict({}).lr_clip == 1.0

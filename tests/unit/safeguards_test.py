@@ -224,7 +224,8 @@ class _Linear(torch.nn.Module):
 @pytest.mark.parametrize("hvp", ["forward", "reverse", "finite_difference"])
 def test_refresh_without_usable_eigenpair_keeps_old_curvature_and_warns(caplog, hvp):
     model = _Linear()
-    opt = DHO2(model.parameters(), lr=1e-2, rank=2, lanczos_order=8, warmup_steps=1, refresh_interval=2, hvp=hvp)
+    opt = DHO2(model.parameters(), lr=1e-2, rank=2, lanczos_order=8, warmup_steps=1, refresh_interval=2, hvp=hvp,
+               admm={"enabled": False})
     opt.attach(model)
     start = model.w.detach().clone()
     with caplog.at_level(logging.WARNING, logger="ds_dho2"):
