@@ -34,6 +34,11 @@ from ds_dho2.hvp.selection import ProductInputs, StrategyChooser, StrategyUnavai
 
 logger = logging.getLogger(__name__)
 
+#: a refresh whose largest eigenvalue magnitude exceeds the previous one by this factor counts as a jump:
+#: the surface sharpened within one window, so the old subspace's Newton momentum is not carried over and
+#: the interval falls back to ``refresh_interval`` (the next refresh comes as early as configured)
+EIGENVALUE_JUMP = 10.0
+
 
 class CurvatureTracker:
     """Refreshes the top-k eigenbasis of the training loss's Hessian on one rank's shard."""
@@ -222,6 +227,15 @@ class CurvatureTracker:
             transition = (selection.coefficients.t().to(device) @ run.project(old, self.shard_comm))
             cosines = float(transition.square().sum()) / min(transition.shape)
             rotation = max(0.0, 1.0 - cosines)
+        jump = _eigenvalue_jump(state[K.EIGENVALUES], selection.values)
+        if jump is not None:
+            transition = None  # no Newton momentum from the flatter surface
+            self.stats["curvature_guard_events"] = self.stats.get("curvature_guard_events", 0) + 1
+            logger.warning("DHO2 curvature guard at step %s: the largest eigenvalue magnitude jumped %.3g -> %.3g "
+                           "(x%.1f) within one window; Newton momentum reset and the next refresh comes after "
+                           "refresh_interval=%d steps. Frequent jumps mean the lr is near the edge of stability: "
+                           "lower lr or alpha.", self.stats.get("refresh_step"), jump[0], jump[1], jump[1] / jump[0],
+                           self.config.refresh_interval)
         state[K.EIGENVECTORS] = None  # release the old slices before the new ones are formed
         self._basis = None
         vectors = run.lift(selection.coefficients.to(device))
@@ -231,7 +245,8 @@ class CurvatureTracker:
         state[K.EIGENVALUES] = selection.values.to(device)
         state[K.TRANSITION] = transition
         state[K.BASIS_VERSION] += 1
-        state[K.INTERVAL] = self.schedule.adapt(state[K.INTERVAL], rotation)
+        state[K.INTERVAL] = (self.config.refresh_interval if jump is not None
+                             else self.schedule.adapt(state[K.INTERVAL], rotation))
         self.stats.update(eigenvalues=[float(v) for v in selection.values], rank=int(selection.values.numel()),
                           subspace_rotation=rotation, refresh_interval=state[K.INTERVAL])
         if _global_rank() == 0:
@@ -265,6 +280,14 @@ class CurvatureTracker:
         state[K.BASIS_VERSION] += 1
         state[K.INTERVAL] = self.config.refresh_interval
         self._basis = None
+
+
+def _eigenvalue_jump(old: torch.Tensor | None, new: torch.Tensor) -> tuple[float, float] | None:
+    """``(old, new)`` largest eigenvalue magnitudes when they grew by more than :data:`EIGENVALUE_JUMP`."""
+    if old is None or old.numel() == 0:
+        return None
+    before, after = float(old.abs().max()), float(new.abs().max())
+    return (before, after) if after > EIGENVALUE_JUMP * before else None
 
 
 def _global_rank() -> int:

@@ -284,3 +284,91 @@ def test_refresh_warning_names_eval_mode(caplog) -> None:
         opt.step()
     assert opt.eigenvalues is None
     assert "call model.train()" in caplog.text
+
+
+def test_gradients_that_stay_non_finite_stop_the_run_with_a_clear_error() -> None:
+    """The NaN stall ends: after ``max_nonfinite_steps`` consecutive skipped steps the run stops (the flag is
+    read every ``max_nonfinite_steps`` steps, so within twice that many), and the parameters stay finite."""
+    from ds_dho2.optimizer import NonFiniteGradientError
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = DHO2(model.parameters(), lr=1e-2, warmup_steps=100)  # default max_nonfinite_steps=10
+    x = torch.randn(8, 4)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(NonFiniteGradientError) as raised:
+        for step in range(1, 41):
+            opt.zero_grad()
+            (model(x).sum() * float("nan")).backward()
+            opt.step()
+    assert step <= 20
+    message = str(raised.value)
+    assert "inf or NaN in" in message and "consecutive steps" in message and "max_nonfinite_steps=10" in message
+    assert "Lower the learning rate" in message
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+
+
+def test_isolated_non_finite_steps_do_not_stop_the_run() -> None:
+    """A NaN every few steps (an fp16-style overflow) is skipped, never an error."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = DHO2(model.parameters(), lr=1e-2, warmup_steps=100, max_nonfinite_steps=4)
+    x = torch.randn(8, 4)
+    for step in range(1, 41):
+        opt.zero_grad()
+        (model(x).pow(2).mean() * (float("nan") if step % 3 == 0 else 1.0)).backward()
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class _ScaledQuadratic(torch.nn.Module):
+    """``0.5 * scale * ||A w - b||^2``: ``scale`` sharpens the surface by any factor between refreshes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.w = torch.nn.Parameter(torch.randn(12, generator=generator))
+        self.register_buffer("a", torch.randn(20, 12, generator=generator))
+        self.register_buffer("b", torch.randn(20, generator=generator))
+        self.scale = 1.0
+
+    def forward(self) -> torch.Tensor:
+        return 0.5 * self.scale * (self.a @ self.w - self.b).square().mean()
+
+
+@pytest.mark.parametrize("sharpen", [100.0, 2.0])
+def test_eigenvalue_jump_guard_resets_momentum_and_refreshes_early(caplog, sharpen: float) -> None:
+    """The collapse guard: when the top eigenvalue grows >10x within one window, the tracker logs it, does
+    not carry the old subspace's Newton momentum and sets the interval back to ``refresh_interval``; a
+    moderate change (2x) is left to the adaptive schedule."""
+    from ds_dho2 import state_keys as K
+
+    model = _ScaledQuadratic()
+    opt = DHO2(model.parameters(), lr=1e-2, rank=2, refresh_interval=4, warmup_steps=2, hvp="reverse",
+               curvature={"batch_fraction": 1.0, "max_interval": 16}).attach(
+        model, loss_fn=lambda output, args, kwargs: output)
+    curvature = None
+    with caplog.at_level(logging.WARNING):
+        for step in range(1, 32):  # refreshes at 2, 6, 14 (the interval doubles: 4, 8, 16), then 30
+            if step == 15:
+                model.scale = sharpen
+            opt.zero_grad()
+            model().backward()
+            opt.step()
+            curvature = opt.state[opt.param_groups[0]["params"][0]][K.CURVATURE]
+            if step == 14:
+                assert curvature[K.INTERVAL] == 16  # a steady quadratic: the interval has grown to its bound
+                refreshes_before = curvature[K.REFRESH_COUNT]
+                top_before = float(opt.eigenvalues.abs().max())
+    assert curvature[K.REFRESH_COUNT] == refreshes_before + 1  # the refresh at step 30 saw the new surface
+    guard = [r.getMessage() for r in caplog.records if "curvature guard" in r.getMessage()]
+    if sharpen > 10:
+        assert float(opt.eigenvalues.abs().max()) == pytest.approx(sharpen * top_before, rel=0.05)
+        assert len(guard) == 1 and "jumped" in guard[0] and "lower lr or alpha" in guard[0]
+        assert opt.stats["curvature_guard_events"] == 1
+        assert curvature[K.INTERVAL] == 4
+        assert curvature[K.TRANSITION] is None  # momentum is not carried: restarted from zero at the install
+    else:
+        assert not guard and "curvature_guard_events" not in opt.stats
+        assert curvature[K.INTERVAL] == 16 and curvature[K.TRANSITION] is not None
