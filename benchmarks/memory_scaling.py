@@ -3,9 +3,9 @@
 Run: ``python -m benchmarks.memory_scaling [--quick]`` (CPU, gloo; DS_ACCELERATOR=cpu is set here).
 
 For W = 1, 2, 4 data-parallel ranks, one ZeRO-2 fp32 engine per W trains an MLP (>= 20M parameters;
-``--quick``: ~2M) with DHO2 at its defaults (rank 8, Lanczos order 2k = 16, float32 basis, warm starts) on an
+``--quick``: ~2M) with DHO2 at its defaults (rank k = 4, Lanczos order 2k = 8, float32 basis, warm starts) on an
 interleaved schedule of 4 Lanczos iterations per step. Schedule: warm-up 2 steps; refresh 1 runs on steps
-2-5; steps 6-9 are plain hybrid steps (the eigenbasis in use, no Lanczos in flight); refresh 2 starts at
+2-3; steps 4-9 are plain hybrid steps (the eigenbasis in use, no Lanczos in flight); refresh 2 starts at
 step 10, so after step 10 a rank holds eigenvectors, Newton momentum *and* a Lanczos basis. Reported per
 rank:
 
@@ -35,11 +35,15 @@ from typing import Any
 import torch
 
 from benchmarks.common import machine_info
+from ds_dho2.config import DHO2Config
+
+_DEFAULTS = DHO2Config()
 
 RESULTS = Path(__file__).resolve().parent / "results"
-RANK, ORDER, ITERS_PER_STEP, WARMUP, REFRESH_INTERVAL = 8, 16, 4, 2, 8  # k = 8 and the default order 2k
+RANK, ORDER = _DEFAULTS.rank, _DEFAULTS.lanczos_order  # the library defaults: k = 4, order 2k = 8
+ITERS_PER_STEP, WARMUP, REFRESH_INTERVAL = 4, 2, 8
 DHO2_STEPS = WARMUP + REFRESH_INTERVAL  # 10: refresh 2 starts on the last step
-HYBRID_STEPS = range(WARMUP + ORDER // ITERS_PER_STEP, WARMUP + REFRESH_INTERVAL)  # steps 6..9
+HYBRID_STEPS = range(WARMUP + ORDER // ITERS_PER_STEP, WARMUP + REFRESH_INTERVAL)  # steps 4..9
 ADAMW_STEPS = 6
 
 
