@@ -231,11 +231,12 @@ class CurvatureTracker:
         if jump is not None:
             transition = None  # no Newton momentum from the flatter surface
             self.stats["curvature_guard_events"] = self.stats.get("curvature_guard_events", 0) + 1
-            logger.warning("DHO2 curvature guard at step %s: the largest eigenvalue magnitude jumped %.3g -> %.3g "
-                           "(x%.1f) within one window; Newton momentum reset and the next refresh comes after "
-                           "refresh_interval=%d steps. Frequent jumps mean the lr is near the edge of stability: "
-                           "lower lr or alpha.", self.stats.get("refresh_step"), jump[0], jump[1], jump[1] / jump[0],
-                           self.config.refresh_interval)
+            if _global_rank() == 0:
+                logger.warning("DHO2 curvature guard at step %s: the largest eigenvalue magnitude jumped %.3g -> "
+                               "%.3g (x%.1f) within one window; Newton momentum reset, next refresh after "
+                               "refresh_interval=%d steps. If this repeats, the lr is near the edge of stability: "
+                               "lower lr or alpha.", self.stats.get("refresh_step"), jump[0], jump[1],
+                               jump[1] / jump[0], self.config.refresh_interval)
         state[K.EIGENVECTORS] = None  # release the old slices before the new ones are formed
         self._basis = None
         vectors = run.lift(selection.coefficients.to(device))
