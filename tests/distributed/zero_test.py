@@ -631,7 +631,7 @@ def test_ds_configs_are_complete_and_load() -> None:
         assert (params["rank"], params["refresh_interval"], params["warmup_steps"], params["alpha"]) == (
             defaults.rank, defaults.refresh_interval, defaults.warmup_steps, defaults.alpha) == (4, 50, 50, 0.1)
         assert params["curvature"]["batch_fraction"] == defaults.curvature.batch_fraction
-        assert params["admm"]["enabled"] is defaults.admm.enabled is True
+        assert params["admm"]["enabled"] is defaults.admm.enabled is False
         assert params["admm"]["extrapolation"] == defaults.admm.extrapolation.value == "checked"
         assert raw["zero_optimization"]["stage"] == stage
         assert raw.get("bf16", {}).get("enabled", False) == name.endswith("bf16.json")

@@ -138,7 +138,7 @@ def test_valid_config_defaults_and_round_trip():
     assert config.lanczos_dtype == "float32" and config.max_refresh_interval == 200
     defaults = DHO2Config()
     assert defaults.rank == 4 and defaults.newton_max_ratio == 10.0
-    assert defaults.admm.enabled and defaults.admm.extrapolation.value == "checked" and defaults.admm_window == 50
+    assert not defaults.admm.enabled and defaults.admm.extrapolation.value == "checked" and defaults.admm_window == 50
     assert config.lr_clip == 3.0 and config.base.value == "heavyball"
     assert DHO2Config.from_dict(config.to_dict()) == config
     assert DHO2Config.from_dict({}).lr_clip == 1.0

@@ -33,7 +33,8 @@ def test_loss_fn_gives_the_route_to_the_loss(caplog) -> None:
     fraction: the products fall back to the whole micro-batch, once, with a warning."""
     model = _logits_model()
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
-    opt = DHO2(model.parameters(), lr=1e-2, rank=2, warmup_steps=2, refresh_interval=2, admm={"window": 4}).attach(
+    opt = DHO2(model.parameters(), lr=1e-2, rank=2, warmup_steps=2, refresh_interval=2,
+               admm={"enabled": True, "window": 4}).attach(
         model, loss_fn=lambda output, args, kwargs: torch.nn.functional.cross_entropy(output, y))
     with caplog.at_level(logging.WARNING, logger="ds_dho2"):
         for _ in range(5):
