@@ -26,13 +26,13 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-#: per task: the budget (steps) and each optimizer's lr -- the best lr of each method in the convergence
-#: benchmark (3 seeds, ``benchmarks/results/convergence_<task>.md``; charlm from the 1-seed defaults search,
-#: ``defaults_search_charlm.md``), so neither is handicapped by its learning rate
+#: per task: the budget (steps) and each optimizer's lr -- the best lr of each method (DHO2: its defaults,
+#: "DHO2 w/o ADMM") over 3 seeds in the convergence benchmark (``benchmarks/results/convergence_<task>.md``),
+#: so neither is handicapped by its learning rate
 DEMO_TASKS: dict[str, dict[str, Any]] = {
-    "charlm": {"steps": 1000, "lrs": {"AdamW": 4.5e-3, "DHO2": 4.5e-3}},
+    "charlm": {"steps": 1000, "lrs": {"AdamW": 3e-3, "DHO2": 3e-3}},
     "digits": {"steps": 600, "lrs": {"AdamW": 1.0125e-2, "DHO2": 2e-3}},
-    "sst2": {"steps": 250, "lrs": {"AdamW": 2e-4, "DHO2": 1.333e-4}},
+    "sst2": {"steps": 250, "lrs": {"AdamW": 3e-4, "DHO2": 3e-4}},
 }
 METHODS = {"AdamW": {"type": "AdamW", "params": {"torch_adam": True, "foreach": True}},
            "DHO2": {"type": "DHO2", "params": {}}}
