@@ -479,14 +479,14 @@ def _range(s: dict[str, Any], spec: str) -> str:
     return f"{format(central, spec)} [{format(s['min'], spec)}, {format(s['max'], spec)}]"
 
 
-def markdown(payload: dict[str, Any]) -> str:
-    """The report, generated from the JSON payload alone."""
+def markdown(payload: dict[str, Any], json_name: str = "convergence.json") -> str:
+    """The report, generated from the JSON payload alone (written as ``json_name``)."""
     settings = payload["settings"]
     lines = [
         f"# Convergence: DeepSpeed ZeRO-2, W={settings['world_size']} CPU ranks (gloo), "
         f"{len(settings['seeds'])} seeds",
         "",
-        "Generated from `convergence.json` (command and machine inside). Every engine of a (task, seed) ran in "
+        f"Generated from `{json_name}` (command and machine inside). Every engine of a (task, seed) ran in "
         "one lockstep race (`benchmarks/race.py`), so time ratios are measured under the same machine "
         "conditions. Methods: " + "; ".join(f"**{m}** = `{json.dumps(settings['methods'][m])}`"
                                             for m in settings["methods"]) + ". DHO2 library defaults at run "
@@ -809,7 +809,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload = _sanitize(payload)
     json_path = out_dir / f"{out_name}.json"
     json_path.write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n")
-    table = markdown(payload)
+    table = markdown(payload, json_path.name)
     (out_dir / f"{out_name}.md").write_text(table + "\n")
     for name in tasks:
         plot(name, payload["tasks"][name], out_dir / f"{out_name}_{name}.png")

@@ -195,7 +195,7 @@ def test_checks_extensions_and_reports(quick):
             assert race["anchor_max_abs_val_loss_diff"] is not None and race["anchor_max_abs_val_loss_diff"] < 1e-9
             assert _finite(race["time_scale"]) and race["time_scale"] > 0
     table = out.with_suffix(".md").read_text()
-    assert table == convergence.markdown(data) + "\n"
+    assert table == convergence.markdown(data, out.with_suffix(".json").name) + "\n"
     assert all(f"| {m} |" in table for m in data["settings"]["methods"])
     png = out.parent / f"{out.name}_digits.png"
     assert png.stat().st_size > 10_000
