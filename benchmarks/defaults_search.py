@@ -8,6 +8,7 @@ the best lr, the final validation loss and the steps / seconds to AdamW's final 
 split into step ratio x cost ratio.
 
     python -m benchmarks defaults_search [--tasks digits,charlm,sst2] [--seeds 1] [--variants NAME,...]
+                                         [--round _round3]
 """
 
 from __future__ import annotations
@@ -38,8 +39,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "int50": {"refresh_interval": 50, "warmup_steps": 50},
     "int25 +ADMM": {"refresh_interval": 25, "warmup_steps": 25, "admm": {"enabled": True}},
     "int50 a0.3 +ADMM": {"refresh_interval": 50, "warmup_steps": 50, "alpha": 0.3, "admm": {"enabled": True}},
+    # round 3 (digits, after the 3-seed suite: DHO2's best lr there is 5x below AdamW's): the trust region
+    # and alpha at today's defaults (rank 4, refresh 50)
+    "r3 ratio10": {"rank": 4, "refresh_interval": 50, "newton_max_ratio": 10.0},
+    "r3 ratio3": {"rank": 4, "refresh_interval": 50, "newton_max_ratio": 3.0},
+    "r3 ratio1": {"rank": 4, "refresh_interval": 50, "newton_max_ratio": 1.0},
+    "r3 alpha0.03": {"rank": 4, "refresh_interval": 50, "newton_max_ratio": 10.0, "alpha": 0.03},
 }
 ROUND2 = ["AdamW+ADMM w25", "AdamW+ADMM w50", "int50", "int25 +ADMM", "int50 a0.3 +ADMM"]
+ROUND3 = ["r3 ratio10", "r3 ratio3", "r3 ratio1", "r3 alpha0.03"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -49,6 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variants", default=",".join(ROUND2))
     parser.add_argument("--steps-scale", type=float, default=1.0)
     parser.add_argument("--max-extensions", type=int, default=2)
+    parser.add_argument("--round", default="", help="suffix of the output names (e.g. _round3)")
     args = parser.parse_args(argv)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     for name in names:
@@ -58,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
         results[task] = convergence.main([
             "--tasks", task, "--seeds", str(args.seeds), "--methods", ",".join(["AdamW", *names]),
             "--max-extensions", str(args.max_extensions), "--steps-scale", str(args.steps_scale),
-            "--no-reference-check", "--output-name", f"defaults_search_{task}"])
+            "--no-reference-check", "--output-name", f"defaults_search{args.round}_{task}"])
     return results
 
 
