@@ -12,6 +12,7 @@ SUITES = {
     "curvature": "benchmarks.curvature",
     "stability": "benchmarks.stability",
     "defaults_search": "benchmarks.defaults_search",
+    "subspace": "benchmarks.subspace",
 }
 
 
