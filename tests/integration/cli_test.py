@@ -83,7 +83,7 @@ def test_bench_help_shows_the_benchmark_suites(tmp_path: Path) -> None:
     """Forwarded to ``python -m benchmarks --help``, found from any directory (not only the checkout)."""
     proc = run([ds_dho2_exe(), "bench", "--help"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == ("usage: python -m benchmarks {overlap,scaling,convergence,curvature,stability,defaults_search}"
+    assert proc.stdout == ("usage: python -m benchmarks {overlap,scaling,convergence,curvature,stability,defaults_search,subspace}"
                            " [--quick] [suite options]\n")
 
 
