@@ -139,6 +139,20 @@ def run_script(target: str, args: list[str], as_module: bool = False) -> None:
         sys.argv = [target, *args]
         sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
         runpy.run_path(target, run_name="__main__")
+    shut_down_process_group()
+
+
+def shut_down_process_group() -> None:
+    """Destroy the default process group the script left open, as a script should before it exits.
+
+    Scripts (and the Trainer) rarely do; the gloo process group's threads are then torn down by the
+    interpreter's exit, which now and then aborts a rank ("terminate called without an active exception")
+    after training finished and fails the launch.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _split_launcher_flags(argv: list[str]) -> tuple[list[str], list[str]]:

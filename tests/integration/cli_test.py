@@ -170,6 +170,18 @@ def test_run_script_gets_its_arguments_and_a_single_process_environment(tmp_path
 
 
 @pytest.mark.timeout(120)
+def test_run_destroys_the_process_group_the_script_left_open(tmp_path: Path) -> None:
+    """A script (like the Trainer) that never destroys its gloo group exits with it torn down by ``ds-dho2
+    run``; left to the interpreter's exit, its threads now and then abort a rank after training."""
+    script = tmp_path / "leave_open.py"
+    script.write_text(
+        "import atexit, torch.distributed as dist\n"
+        "dist.init_process_group('gloo')\n"
+        "atexit.register(lambda: print('REPORT {\"open_at_exit\": %s}' % str(dist.is_initialized()).lower()))\n")
+    assert report(run([ds_dho2_exe(), "run", "leave_open.py"], cwd=tmp_path)) == {"open_at_exit": False}
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("entry", ["console_script", "python_m"])
 def test_run_module_under_a_launcher_environment(tmp_path: Path, entry: str) -> None:
     """``ds-dho2 run -m MODULE`` / ``python -m ds_dho2 run -m MODULE``: the module is found from the working
