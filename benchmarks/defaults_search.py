@@ -51,7 +51,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "r4 frac1 int25": {"rank": 4, "refresh_interval": 25, "warmup_steps": 25, "newton_max_ratio": 10.0,
                        "curvature": {"batch_fraction": 1.0}},
     "r4 int25": {"rank": 4, "refresh_interval": 25, "warmup_steps": 25, "newton_max_ratio": 10.0},
-    # round 4 (SST-2): the subspace benchmark finds AdamW moving only 0.13 of a Newton step along SST-2's
+    # round 4 (SST-2): the subspace benchmark finds AdamW moving only 0.12-0.13 of a Newton step along SST-2's
     # top eigenvectors, the most room of the three tasks: larger alpha takes more of it
     "r4 alpha0.3": {"rank": 4, "refresh_interval": 50, "newton_max_ratio": 10.0, "alpha": 0.3},
     "r4 alpha1": {"rank": 4, "refresh_interval": 50, "newton_max_ratio": 10.0, "alpha": 1.0},

@@ -65,16 +65,11 @@ def top_eigenpairs(operator: Callable[[torch.Tensor], torch.Tensor], n: int, cou
     return values[order], vectors[:, order]
 
 
-def _flat(tensors: Any) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
+_flat = torch.nn.utils.parameters_to_vector  # any sequence of tensors -> one flat vector
 
 
 def _unflat(vector: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    out, start = [], 0
-    for t in like:
-        out.append(vector[start:start + t.numel()].view_as(t))
-        start += t.numel()
-    return out
+    return [chunk.view_as(t) for chunk, t in zip(vector.split([t.numel() for t in like]), like)]
 
 
 def subspace_measures(values: np.ndarray, vectors: np.ndarray, grad: torch.Tensor, step: torch.Tensor,
@@ -141,8 +136,8 @@ def probe_trajectory(task: Task, lr: float, probes: int, steps: int | None = Non
             p_values, p_vectors = top_eigenpairs(lambda v: hvp(v, scale), grad.numel(), RANK + EXTRA, "LA")
             del grads
         before = _flat([p.detach() for p in params]).clone()
-        optimizer.zero_grad()
-        batch_loss(rows).backward()
+        for p, g in zip(params, _unflat(grad, params)):  # the step uses the gradient the probe computed
+            p.grad = g.clone()
         optimizer.step()
         step_vector = _flat([p.detach() for p in params]) - before
         hessian = subspace_measures(h_values, h_vectors, grad, step_vector, mean_grad, RANK)
