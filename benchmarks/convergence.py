@@ -6,7 +6,7 @@ Design (each choice answers a way a comparison of optimizers can mislead):
   ``"optimizer"`` block below) on ``W`` gloo ranks on CPU (default 2).
 * **Methods are data** (:data:`METHODS`). The baseline is DeepSpeed's own AdamW,
   ``{"type": "AdamW", "params": {"torch_adam": true, "foreach": true}}`` (DeepSpeed builds a foreach
-  ``torch.optim.AdamW`` from it; the suite records the class it got). The DESIGN.md section 4 ablation:
+  ``torch.optim.AdamW`` from it; the suite records the class it got). The ablation of docs/design.md, "ADMM":
   ``AdamW+ADMM`` is DHO2 with ``curvature.enabled=false, admm.enabled=true``; ``DHO2 w/o ADMM`` is DHO2
   with ``admm.enabled=false``; ``DHO2`` is DHO2 with ``admm.enabled=true``. Apart from those switches
   every DHO2 method uses the *library defaults*; the suite sets only ``lr``, ``weight_decay`` and
@@ -74,7 +74,7 @@ from benchmarks.tasks import LR_RATIO, Task, make_tasks, round_lr, setup_task
 
 logger = logging.getLogger(__name__)
 
-#: The ablation (DESIGN.md section 4) as data: the DeepSpeed ``"optimizer"`` block of each method, before
+#: The ablation (docs/design.md, "ADMM") as data: the DeepSpeed ``"optimizer"`` block of each method, before
 #: ``lr``, ``weight_decay`` and (DHO2) ``seed`` are filled in. DHO2 keys not named here keep the library
 #: defaults.
 METHODS: dict[str, dict[str, Any]] = {

@@ -1,4 +1,4 @@
-"""Memory scaling of DHO2's sharded curvature state under DeepSpeed ZeRO-2 (DESIGN.md section 2).
+"""Memory scaling of DHO2's sharded curvature state under DeepSpeed ZeRO-2 (docs/design.md, "Curvature").
 
 Run: ``python -m benchmarks.memory_scaling [--quick]`` (CPU, gloo; DS_ACCELERATOR=cpu is set here).
 
@@ -127,14 +127,14 @@ def rank_worker(rank: int, world: int, quick: bool, micro: int) -> dict:
         if step == WARMUP + ORDER // ITERS_PER_STEP - 1:
             out["refresh_seconds"] = float(opt.curvature_stats().get("refresh_seconds", float("nan")))
         if step == DHO2_STEPS:
-            state = opt.state[opt.param_groups[0]["params"][0]]
-            curvature = state["dho2"]
+            curvature = opt.tracker.state
+            lanczos = curvature.lanczos
             out["bytes"] = {
-                "eigenvectors": _bytes(curvature["eigenvectors"]),
-                "newton_momentum": _bytes(curvature["newton_momentum"]),
-                "lanczos": _bytes(curvature["lanczos"]),
-                "lanczos_basis": _bytes(None if curvature["lanczos"] is None else curvature["lanczos"]["basis"]),
-                "base_moments": _bytes(state["exp_avg"]) + _bytes(state["exp_avg_sq"]),
+                "eigenvectors": _bytes(curvature.eigenvectors),
+                "newton_momentum": _bytes(opt.newton.state.momentum),
+                "lanczos": 0 if lanczos is None else sum(_bytes(t) for t in lanczos.tensors()),
+                "lanczos_basis": _bytes(None if lanczos is None else lanczos.basis),
+                "base_moments": sum(_bytes(t) for t in opt.base.state.tensors() if t.dim() > 0),
             }
 
     times = _timed_steps(engine, rank, micro, w, DHO2_STEPS, after)

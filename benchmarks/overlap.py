@@ -35,7 +35,6 @@ from typing import Any
 import torch
 
 from benchmarks.common import RESULTS_DIR, pyplot, write_results
-from ds_dho2 import state_keys as K
 
 CONTESTANTS = ("adamw", "dho2", "dho2_interleaved")
 SKIP = 5  # start-up steps left out of the medians
@@ -135,8 +134,7 @@ class Contestant:
     def _products_step(self) -> int:
         if not self.is_dho2:
             return -1
-        state = self.optimizer.state.get(self.optimizer.param_groups[0]["params"][0])
-        return -1 if not state else state[K.CURVATURE][K.LAST_PRODUCTS_STEP]
+        return self.optimizer.tracker.state.last_products_step
 
     def step(self, batch: dict[str, torch.Tensor]) -> None:
         if self.world > 1:

@@ -3,13 +3,13 @@ that DeepSpeed builds from ``"optimizer": {"type": "DHO2"}`` with ZeRO-partition
 
 from ds_dho2.config import ADMMConfig, ConfigError, CurvatureConfig, DHO2Config
 from ds_dho2.curvature import estimate_top_eigenpairs
-from ds_dho2.logging_utils import configure_library_logger
+from ds_dho2.logging_utils import add_null_handler
 from ds_dho2.optimizer import DHO2
 
 __all__ = ["ADMMConfig", "ConfigError", "CurvatureConfig", "DHO2", "DHO2Config", "estimate_top_eigenpairs"]
 __version__ = "0.1.0"
 
-configure_library_logger()  # "ds_dho2" logs to stderr at DS_DHO2_LOG_LEVEL (default info)
+add_null_handler()  # a library configures no output; applications do (docs: README "Logging")
 
 
 def _register_with_deepspeed() -> None:

@@ -1,57 +1,50 @@
-"""DHO2's saved state: the flat form ``DHO2.state_dict()`` writes, and how a loaded one becomes live state again.
+"""DHO2's saved state, built from the components' declarations alone (docs/design.md, "Checkpoints").
 
-The live per-shard state (``optimizer.state[flat]``) keeps the curvature tracker's nested dict under
-``state_keys.CURVATURE`` (2-D eigenvector slices, the Lanczos run, counters). The saved form is flat, so that
-DeepSpeed's universal checkpoints, which know only per-element optimizer state, can carry and re-partition it:
+The live state belongs to the components, each a :class:`~ds_dho2.core.state.ComponentState` whose fields
+say whether they are sharded (one value per element of the rank's partition) or replicated. The saved
+form is the one DeepSpeed's regular and universal checkpoints can carry and re-partition:
 
-* every tensor that is partitioned like the parameters becomes a top-level 1-D entry the size of the rank's
-  flat shard, named ``dho2_<path>``: one per eigenvector (``dho2_eigenvectors_<i>``), the ADMM dual and anchor
-  (``dho2_admm_dual``, ``dho2_admm_anchor``) and, while an interleaved refresh is in flight, each Lanczos
-  basis vector computed so far (``dho2_lanczos_basis_<j>``, the current one included);
-* everything else is the same on every rank -- eigenvalues, Newton momentum, transition matrix, counters,
-  refresh schedule, the chosen HVP strategy, the layout, the top-level ``applied_steps`` -- and goes, as plain
-  Python values, into ``param_groups[0]["dho2_replicated"]``, together with the list of flat entries the
-  state must hold and their dtypes and shapes;
-* the base optimizer's moments (``exp_avg``, ``exp_avg_sq`` or ``momentum_buffer``) and ``step`` stay as they are.
+* ``state[0]`` holds ``step`` and one 1-D tensor the size of the rank's partition per sharded vector:
+  ``<prefix><field>`` for a 1-D field, ``<prefix><field>_<i>`` for each row in use of a 2-D field, where the
+  prefix is ``dho2_<component>_`` (``""`` for the base moments, so DeepSpeed sees ``exp_avg`` etc.);
+* ``param_groups[0]["dho2_replicated"]`` holds, as plain Python values, every replicated field, the dtype
+  and row count of every sharded one, and the layout (world size, partition and total sizes) it was
+  saved with.
 
-:func:`pack_entry` builds the saved form of one state entry, :func:`unpack_entry` the live form again: with
-the saved layout (a regular checkpoint, loaded at the same world size) or with the current one (a universal
-checkpoint, whose 1-D entries DeepSpeed has already re-partitioned for this rank). Float64 entries travel
-through a universal checkpoint as two float32 halves, ``<name>`` and ``<name>__lo`` (DeepSpeed loads every
-optimizer state there as float32); :func:`unpack_entry` adds them back, to within 2**-48 relative.
+:func:`pack` writes that form; :func:`unpack` fills the live components from it, with the saved layout (a
+regular checkpoint, which must match this run) or the current one (a universal checkpoint, whose 1-D
+entries DeepSpeed has already re-partitioned for this rank). Float64 entries travel through a universal
+checkpoint as two float32 halves, ``<name>`` and ``<name>__lo`` (DeepSpeed loads every optimizer state
+there as float32); :func:`unpack` adds them back, to within 2**-48 relative.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
-from ds_dho2 import state_keys as K
+from ds_dho2.core.state import ComponentState, FieldSpec, Placement
 
 logger = logging.getLogger(__name__)
 
-#: version of the saved form; a newer one is refused with a message
-FORMAT = 1
+#: version of the saved form; other versions are refused with a message
+FORMAT = 2
 #: the param-group entry holding the replicated part
 GROUP_KEY = "dho2_replicated"
-#: prefix of every flat per-element entry DHO2 adds to the state
+#: prefix of every flat per-element entry DHO2 adds beside the base moments
 FLAT_PREFIX = "dho2_"
 #: suffix of the low float32 half of a float64 entry in a universal checkpoint
 LO_SUFFIX = "__lo"
+STEP_KEY = "step"
 CONVERT_COMMAND = "ds-dho2 to-universal INPUT_FOLDER OUTPUT_FOLDER"
 
 _TENSOR_TAG = "__tensor__"
-_SHARDED_TAG = "__sharded__"
-#: curvature entries partitioned like the parameters (1-D: one vector; 2-D: one row per vector)
-_SHARDED = {(K.EIGENVECTORS,), (K.ADMM_DUAL,), (K.ADMM_ANCHOR,), (K.LANCZOS, "basis"), (K.LANCZOS, "next_vector")}
-#: curvature tensors that are the same on every rank, whatever their shape
-_REPLICATED = {(K.EIGENVALUES,), (K.TRANSITION,), (K.NEWTON_MOMENTUM,)}
 
 
 class CheckpointFormatError(RuntimeError):
-    """A checkpoint's DHO2 state is missing, incomplete or was written for another model."""
+    """A checkpoint's DHO2 state is missing, incomplete, of another format or written for another layout."""
 
 
 def missing_state_message(detail: str) -> str:
@@ -61,103 +54,56 @@ def missing_state_message(detail: str) -> str:
             f"'{CONVERT_COMMAND}' instead and load that.")
 
 
+def world_size_message(saved: int, current: int) -> str:
+    """The refusal of a regular ZeRO checkpoint loaded at another data-parallel world size."""
+    return (f"DHO2 cannot load this checkpoint at world size {current}: it was saved at world size {saved}, and "
+            "its optimizer state (base moments and curvature) is partitioned per rank. Convert it with "
+            f"'{CONVERT_COMMAND}' and load the result with \"checkpoint\": {{\"load_universal\": true}}, or resume "
+            f"at world size {saved}.")
+
+
 def is_flat_key(key: Any) -> bool:
     return isinstance(key, str) and key.startswith(FLAT_PREFIX)
 
 
+def component_prefix(name: str, state: ComponentState) -> str:
+    return state.SAVED_PREFIX if state.SAVED_PREFIX is not None else f"{FLAT_PREFIX}{name}_"
+
+
 # ------------------------------------------------------------------------------------------------ pack
-def pack_entry(entry: dict) -> tuple[dict, dict]:
-    """The saved form of one live state entry: ``(flat entry, replicated dict)``.
+def pack(components: Mapping[str, ComponentState], layout: Mapping[str, int], step: int) -> tuple[dict, dict]:
+    """The saved form of ``components``: ``(flat entry, replicated dict)``.
 
-    The flat entry's tensors are views of the live ones (``torch.save`` writes a shared storage once);
-    the replicated dict holds plain Python values only, so ``torch.load(weights_only=True)`` reads it.
+    The flat entry's tensors are views of the live ones (``torch.save`` writes a shared storage once); the
+    replicated dict holds plain Python values only, so ``torch.load(weights_only=True)`` reads it.
     """
-    curvature = entry[K.CURVATURE]
-    partition = int(curvature[K.PARTITION_NUMEL])
-    flat: dict = {}
-    top: dict = {}
-    for key, value in entry.items():
-        if key == K.CURVATURE:
-            continue
-        if key == K.STEP or not torch.is_tensor(value) or _is_vector(value, partition):
-            flat[key] = value
+    flat: dict[str, Any] = {STEP_KEY: step}
+    saved = {name: _pack_state(state, component_prefix(name, state), flat) for name, state in components.items()}
+    return flat, {"format": FORMAT, "layout": dict(layout), "components": saved}
+
+
+def _pack_state(state: ComponentState, prefix: str, flat: dict) -> dict:
+    out: dict[str, dict] = {"replicated": {}, "sharded": {}, "nested": {}}
+    for spec in state.field_specs():
+        value = getattr(state, spec.name)
+        if spec.placement is Placement.NESTED:
+            out["nested"][spec.name] = None if value is None else _pack_state(value, f"{prefix}{spec.name}_", flat)
+        elif spec.placement is Placement.SHARDED:
+            out["sharded"][spec.name] = None if value is None else _pack_sharded(state, spec, value, prefix, flat)
         else:
-            top[key] = _encode(value)
-    sharded: dict[str, dict] = {}
-    replicated = {
-        "format": FORMAT,
-        "layout": {"world_size": int(curvature[K.WORLD_SIZE]), "partition_numel": partition,
-                   "total_numel": int(curvature[K.TOTAL_NUMEL])},
-        "top": top,
-        "curvature": _pack_dict(curvature, (), partition, flat, sharded),
-    }
-    replicated["flat_keys"] = [name for spec in sharded.values() for name in spec["keys"]]
-    return flat, replicated
-
-
-def pack_state_dict(state_dict: dict) -> dict:
-    """``torch.optim.Optimizer.state_dict()`` output -> DHO2's saved form (a new dict; the input is untouched)."""
-    packed = dict(state_dict)
-    packed["state"] = dict(state_dict["state"])
-    packed["param_groups"] = [dict(group) for group in state_dict["param_groups"]]
-    holders = [index for index, entry in packed["state"].items()
-               if isinstance(entry, dict) and K.CURVATURE in entry]
-    if len(holders) > 1:
-        raise CheckpointFormatError(f"DHO2 found curvature state on {len(holders)} parameters; it keeps one.")
-    for index in holders:
-        flat, replicated = pack_entry(packed["state"][index])
-        replicated["state_index"] = index
-        packed["state"][index] = flat
-        packed["param_groups"][0][GROUP_KEY] = replicated
-    return packed
-
-
-def _is_vector(value: torch.Tensor, partition: int) -> bool:
-    return value.dim() == 1 and value.numel() == partition
-
-
-def _is_sharded(path: tuple, value: torch.Tensor, partition: int) -> bool:
-    if path in _SHARDED:
-        return True
-    if path in _REPLICATED or value.dim() not in (1, 2):
-        return False
-    return value.shape[-1] == partition  # an entry this module does not know: sharded if shaped like the shard
-
-
-def _flat_name(path: tuple) -> str:
-    return FLAT_PREFIX + "_".join(str(part) for part in path)
-
-
-def _pack_dict(values: dict, path: tuple, partition: int, flat: dict, sharded: dict) -> dict:
-    out = {}
-    for key, value in values.items():
-        here = (*path, key)
-        if isinstance(value, dict):
-            out[key] = _pack_dict(value, here, partition, flat, sharded)
-        elif torch.is_tensor(value) and _is_sharded(here, value, partition):
-            name = _flat_name(here)
-            if value.dim() == 1:
-                spec = {"keys": [name], "dtype": _dtype_name(value.dtype), "shape": [value.numel()]}
-                flat[name] = value
-            else:
-                rows = _rows_in_use(here, values, value)
-                spec = {"keys": [f"{name}_{i}" for i in range(rows)], "dtype": _dtype_name(value.dtype),
-                        "shape": list(value.shape)}
-                for i, row_name in enumerate(spec["keys"]):
-                    flat[row_name] = value[i]
-            sharded[name] = spec
-            out[key] = {_SHARDED_TAG: spec}
-        else:
-            out[key] = _encode(value)
+            out["replicated"][spec.name] = _encode(value)
     return out
 
 
-def _rows_in_use(path: tuple, parent: dict, value: torch.Tensor) -> int:
-    """Rows worth saving: a Lanczos basis holds one row per completed iteration plus the current vector;
-    the rows after those are still zeros."""
-    if path == (K.LANCZOS, "basis") and isinstance(parent.get("alphas"), list):
-        return min(len(parent["alphas"]) + 1, value.shape[0])
-    return value.shape[0]
+def _pack_sharded(state: ComponentState, spec: FieldSpec, value: torch.Tensor, prefix: str, flat: dict) -> dict:
+    name = prefix + spec.name
+    if value.dim() == 1:
+        flat[name] = value
+        return {"dtype": _dtype_name(value.dtype), "rows": None}
+    rows = state.rows_to_save(spec, value)
+    for i in range(rows):
+        flat[f"{name}_{i}"] = value[i]
+    return {"dtype": _dtype_name(value.dtype), "rows": rows, "allocated": value.shape[0]}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -176,73 +122,108 @@ def _encode(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- unpack
-def unpack_entry(entry: dict, replicated: dict, *, device: torch.device,
-                 current_layout: tuple[int, int, int] | None = None, copy: bool = True,
-                 universal: bool = False) -> dict:
-    """The live state entry rebuilt from its saved form (a new dict; ``entry`` keeps its other values).
-
-    ``entry`` holds the flat ``dho2_*`` tensors. ``current_layout`` = ``(world_size, partition_numel,
-    total_numel)`` of this run when those were re-partitioned for it (a universal checkpoint); otherwise the
-    saved layout is kept, and the curvature tracker checks it against this run. ``copy`` copies tensors that
-    would otherwise be the given ones. Raises :class:`CheckpointFormatError` naming what is wrong.
-    """
-    version = replicated.get("format")
-    if not isinstance(version, int) or version > FORMAT:
+def check_format(replicated: Any) -> dict:
+    """``replicated`` if it is DHO2's saved form in this version; raises a message naming the fix otherwise."""
+    version = replicated.get("format") if isinstance(replicated, dict) else None
+    if version == FORMAT:
+        return replicated
+    if isinstance(version, int) and version > FORMAT:
         raise CheckpointFormatError(
-            f"DHO2 checkpoint format {version!r} is newer than this ds_dho2 reads ({FORMAT}); upgrade ds_dho2.")
-    missing = [name for name in replicated["flat_keys"] if name not in entry]
-    if missing:
-        detail = f"{missing[0]}" + (f" and {len(missing) - 1} more entries are missing" if len(missing) > 1
-                                    else " is missing")
-        if universal:
-            raise CheckpointFormatError(missing_state_message(detail))
-        raise CheckpointFormatError(f"DHO2 state dict is incomplete: {detail}.")
-    saved = replicated["layout"]
-    layout = dict(saved)
-    if current_layout is not None:
-        world_size, partition, total = current_layout
-        if saved["total_numel"] != total:
-            raise CheckpointFormatError(
-                f"DHO2 state was saved for a model with {saved['total_numel']} trainable parameters, but this one "
-                f"has {total}. Load it into the same model.")
-        layout = {"world_size": world_size, "partition_numel": partition, "total_numel": total}
-    flat = {key: entry[key] for key in entry if is_flat_key(key)}
-    live = {key: value for key, value in entry.items() if not is_flat_key(key) and key != K.CURVATURE}
-    for key, value in replicated.get("top", {}).items():
-        live[key] = _decode(value, device)
-    context = _Unpacker(flat, layout["partition_numel"], device, copy)
-    curvature = context.dict(replicated["curvature"])
-    curvature[K.WORLD_SIZE] = layout["world_size"]
-    curvature[K.PARTITION_NUMEL] = layout["partition_numel"]
-    curvature[K.TOTAL_NUMEL] = layout["total_numel"]
-    live[K.CURVATURE] = curvature
-    unused = sorted(set(flat) - context.used)
-    if unused:
-        logger.debug("DHO2 ignored checkpoint entries it does not know: %s", ", ".join(unused))
-    return live
+            f"DHO2 checkpoint format {version} is newer than this ds_dho2 reads ({FORMAT}); upgrade ds_dho2.")
+    raise CheckpointFormatError(
+        f"DHO2 checkpoint format {version!r} was written by an earlier ds_dho2 and is no longer read (this "
+        f"version reads format {FORMAT}). Resume it with the release that wrote it, or keep only the weights: "
+        "engine.load_checkpoint(..., load_optimizer_states=False) starts DHO2's state afresh.")
 
 
-class _Unpacker:
-    def __init__(self, flat: dict, partition: int, device: torch.device, copy: bool) -> None:
+def unpack(components: Mapping[str, ComponentState], flat: Mapping[str, Any], replicated: dict, *,
+           device: torch.device, current_layout: Mapping[str, int], universal: bool = False,
+           copy: bool = True) -> dict[str, int]:
+    """Fill the live ``components`` from their saved form; return the layout the state now has.
+
+    ``flat`` holds the saved 1-D entries (``state[0]``); with ``universal`` they were re-partitioned for
+    ``current_layout`` by DeepSpeed, otherwise the saved layout must equal it. ``copy`` copies tensors that
+    would otherwise be the given ones. Raises :class:`CheckpointFormatError` naming what is wrong; a
+    component the checkpoint lacks keeps its fresh state, one the run lacks is ignored (both logged).
+    """
+    replicated = check_format(replicated)
+    saved_layout = replicated["layout"]
+    if saved_layout["total_numel"] != current_layout["total_numel"]:
+        raise CheckpointFormatError(
+            f"DHO2 state was saved for a model with {saved_layout['total_numel']} trainable parameters, but this "
+            f"one has {current_layout['total_numel']}. Load it into the same model.")
+    if not universal and dict(saved_layout) != dict(current_layout):
+        raise CheckpointFormatError(world_size_message(saved_layout["world_size"], current_layout["world_size"]))
+    saved = replicated["components"]
+    _check_complete(components, saved, flat, universal)
+    reader = _Reader(flat, int(current_layout["partition_numel"]), device, copy)
+    for name, state in components.items():
+        if name in saved:
+            reader.state(state, saved[name], component_prefix(name, state))
+        else:
+            logger.info("DHO2 checkpoint has no '%s' state; it starts afresh.", name)
+    ignored = sorted(set(saved) - set(components))
+    if ignored:
+        logger.warning("DHO2 ignored checkpointed state of components this run does not use: %s.", ", ".join(ignored))
+    return dict(current_layout)
+
+
+def _check_complete(components: Mapping[str, ComponentState], saved: dict, flat: Mapping[str, Any],
+                    universal: bool) -> None:
+    """Refuse a saved form whose flat entries are not all there, naming the first and counting the rest."""
+    expected = [key for name, state in components.items() if name in saved
+                for key in _saved_keys(saved[name], component_prefix(name, state))]
+    missing = [key for key in expected if key not in flat]
+    if not missing:
+        return
+    detail = missing[0] + (f" and {len(missing) - 1} more entries are missing" if len(missing) > 1 else " is missing")
+    raise CheckpointFormatError(missing_state_message(detail) if universal
+                                else f"DHO2 state dict is incomplete: {detail}.")
+
+
+def _saved_keys(packed: dict, prefix: str) -> list[str]:
+    """The flat entry names a packed state refers to, in the order :func:`pack` wrote them."""
+    keys = []
+    for name, spec in packed["sharded"].items():
+        if spec is not None:
+            keys += [prefix + name] if spec["rows"] is None else [f"{prefix}{name}_{i}" for i in range(spec["rows"])]
+    for name, child in packed["nested"].items():
+        if child is not None:
+            keys += _saved_keys(child, f"{prefix}{name}_")
+    return keys
+
+
+class _Reader:
+    def __init__(self, flat: Mapping[str, Any], partition: int, device: torch.device, copy: bool) -> None:
         self.flat, self.partition, self.device, self.copy = flat, partition, device, copy
-        self.used: set[str] = set()
 
-    def dict(self, values: dict) -> dict:
-        return {key: self.value(item) for key, item in values.items()}
+    def state(self, state: ComponentState, saved: dict, prefix: str) -> None:
+        for spec in state.field_specs():
+            if spec.placement is Placement.NESTED:
+                packed = saved["nested"].get(spec.name)
+                if packed is None:
+                    setattr(state, spec.name, None)
+                    continue
+                child = getattr(state, spec.name) or spec.nested_type()
+                self.state(child, packed, f"{prefix}{spec.name}_")
+                setattr(state, spec.name, child)
+            elif spec.placement is Placement.SHARDED:
+                setattr(state, spec.name, self.sharded(saved["sharded"].get(spec.name), prefix + spec.name))
+            elif spec.name in saved["replicated"]:
+                setattr(state, spec.name, _decode(saved["replicated"][spec.name], self.device))
 
-    def value(self, value: Any) -> Any:
-        if isinstance(value, dict):
-            if _SHARDED_TAG in value:
-                return self.sharded(value[_SHARDED_TAG])
-            if _TENSOR_TAG in value:
-                return _decode(value, self.device)
-            return self.dict(value)
-        if isinstance(value, (list, tuple)):
-            return type(value)(self.value(item) for item in value)
-        return value
+    def sharded(self, spec: dict | None, name: str) -> torch.Tensor | None:
+        if spec is None:
+            return None
+        dtype = getattr(torch, spec["dtype"])
+        if spec["rows"] is None:
+            return self.vector(name, dtype, self.copy)
+        out = torch.zeros(spec["allocated"], self.partition, dtype=dtype, device=self.device)
+        for i in range(spec["rows"]):
+            out[i].copy_(self.vector(f"{name}_{i}", dtype, copy=False))
+        return out
 
     def vector(self, name: str, dtype: torch.dtype, copy: bool) -> torch.Tensor:
-        self.used.add(name)
         value = self.flat[name]
         if value.dim() != 1 or value.numel() != self.partition:
             raise CheckpointFormatError(
@@ -250,20 +231,10 @@ class _Unpacker:
                 f"{self.partition} elements.")
         low = self.flat.get(name + LO_SUFFIX)
         if low is not None:
-            self.used.add(name + LO_SUFFIX)
             value = value.to(device=self.device, dtype=torch.float64) + low.to(device=self.device,
                                                                                 dtype=torch.float64)
             return value.to(dtype)
         return value.to(device=self.device, dtype=dtype, copy=copy)
-
-    def sharded(self, spec: dict) -> torch.Tensor:
-        dtype = getattr(torch, spec["dtype"])
-        if len(spec["shape"]) == 1:
-            return self.vector(spec["keys"][0], dtype, self.copy)
-        out = torch.zeros(spec["shape"][0], self.partition, dtype=dtype, device=self.device)
-        for i, name in enumerate(spec["keys"]):
-            out[i].copy_(self.vector(name, dtype, copy=False))
-        return out
 
 
 def _decode(value: Any, device: torch.device) -> Any:

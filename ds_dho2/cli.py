@@ -4,7 +4,6 @@
 DeepSpeed and then runs an unmodified training script as ``__main__`` with its own arguments. It runs alone
 as one process, or as the program of a launcher: ``torchrun ... $(which ds-dho2) run train.py ...``,
 ``deepspeed --no_python ds-dho2 run train.py ...``, ``accelerate launch --no_python ds-dho2 run train.py ...``.
-``ds-dho2 bench SUITE ...`` runs the benchmark suites of a source checkout (``python -m benchmarks``).
 ``ds-dho2 to-universal INPUT_FOLDER OUTPUT_FOLDER`` converts a DeepSpeed ZeRO-1/2 checkpoint with DHO2 state
 into a universal checkpoint, which loads at any data-parallel world size
 (:mod:`ds_dho2.integrations.universal`).
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import ds_dho2
+from ds_dho2.logging_utils import configure_cli_logging
 
 logger = logging.getLogger(__name__)
 
@@ -170,22 +170,6 @@ def _split_launcher_flags(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, forwarded
 
 
-# --------------------------------------------------------------------------------------------- bench
-def run_bench(args: list[str]) -> int:
-    """``python -m benchmarks ARGS`` from the source checkout this package lives in."""
-    root = Path(ds_dho2.__file__).resolve().parent.parent
-    if not (root / "benchmarks" / "__main__.py").is_file():
-        raise StartupError(f"the benchmark suites are not installed with the package (no benchmarks/ next to "
-                           f"{root / 'ds_dho2'}). Run '{PROG} bench' from an editable install of a source "
-                           "checkout (pip install -e .).")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    sys.argv = ["benchmarks", *args]
-    from benchmarks.__main__ import main as bench_main
-
-    return int(bench_main(args) or 0)
-
-
 # --------------------------------------------------------------------------------------- to-universal
 def run_to_universal(options: argparse.Namespace) -> int:
     """``ds-dho2 to-universal``: convert, then say how to load the result."""
@@ -207,10 +191,9 @@ def run_to_universal(options: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="DHO2 for DeepSpeed: run an unmodified training script with "
-                     "\"type\": \"DHO2\" registered, run the benchmark suites, or convert a checkpoint into a "
-                     "universal one.")
+                     "\"type\": \"DHO2\" registered, or convert a checkpoint into a universal one.")
     parser.add_argument("--version", action="version", version=f"{PROG} {ds_dho2.__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{run,bench,to-universal}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{run,to-universal}", parser_class=_Parser)
     sub.required = True
     run = sub.add_parser(
         "run", help="run an unmodified training script with DHO2 registered in DeepSpeed",
@@ -223,7 +206,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("target", metavar="TARGET", nargs="?", help="script path (or module name with -m)")
     run.add_argument("args", metavar="ARGS", nargs=argparse.REMAINDER,
                      help="arguments passed to the script unchanged (including --help)")
-    sub.add_parser("bench", add_help=False, help="run a benchmark suite: ds-dho2 bench --help lists them")
     universal = sub.add_parser(
         "to-universal", help="convert a DeepSpeed checkpoint with DHO2 state into a universal checkpoint",
         description="Convert one tag folder of a DeepSpeed ZeRO-1/2 checkpoint with DHO2 state (AdamW or "
@@ -247,12 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, launcher_flags = _split_launcher_flags(argv)
+    configure_cli_logging()
     try:
-        if argv and argv[0] == "bench":  # everything after it, --help included, belongs to the benchmarks
-            return run_bench(argv[1:])
         options = build_parser().parse_args(argv)
-        if options.command == "bench":
-            return run_bench([])
         if options.command == "to-universal":
             return run_to_universal(options)
         if options.target is None:
@@ -260,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                                f"'{PROG} run -m MODULE [ARGS...]'.")
         return _run(options.target, [*launcher_flags, *options.args], options.module)
     except StartupError as error:
-        command = argv[0] if argv and argv[0] in ("bench", "to-universal") else "run"
+        command = argv[0] if argv and argv[0] == "to-universal" else "run"
         print(f"{PROG} {command}: error: {error}", file=sys.stderr)
         return START_ERROR
 

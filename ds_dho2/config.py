@@ -1,17 +1,24 @@
 """Validated configuration for DHO2.
 
-One frozen dataclass per concern. ``DHO2Config.from_dict`` accepts the plain dict that appears as the
-``"params"`` block of a DeepSpeed JSON ``optimizer`` entry (and the keyword arguments of
-:class:`ds_dho2.DHO2`); it rejects unknown keys, wrong types and out-of-range values with a message that
-names the key and what is allowed.
+One frozen pydantic model per concern (as DeepSpeed declares its own config). Each field's type and
+``Field`` constraints are the single source of its default, its validation and its error message.
+``DHO2Config.from_dict`` accepts the plain dict that appears as the ``"params"`` block of a DeepSpeed JSON
+``optimizer`` entry (and the keyword arguments of :class:`ds_dho2.DHO2`). It and the constructors,
+nested sections included, reject unknown keys, wrong types and out-of-range values with a
+:class:`ConfigError` (never pydantic's ``ValidationError``) that names the key and what is allowed.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import math
-from typing import Any, Mapping
+import types
+from typing import Annotated, Any, ClassVar, Literal, Mapping, Union, get_args, get_origin
+
+import annotated_types
+from pydantic import (AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError,
+                      ValidationInfo, field_validator, model_validator)
+from pydantic.fields import FieldInfo
 
 
 class BaseOptimizer(str, enum.Enum):
@@ -51,71 +58,72 @@ class CurvatureMode(str, enum.Enum):
     INTERLEAVED = "interleaved"
 
 
-_DTYPES = {"float64": "float64", "float32": "float32"}
-
-
 class ConfigError(ValueError):
     """Raised for an invalid DHO2 configuration; the message names the key and what is allowed."""
 
 
-def _fail(key: str, value: Any, allowed: str) -> None:
-    raise ConfigError(f"Invalid DHO2 config value {key}={value!r}. Must be {allowed}.")
+# Field types. Strict, so that a bool never passes as a number and a string never as either.
+Number = Annotated[float, Strict(), AllowInfNan(False)]  # an int is accepted (and stored as a float)
+Count = Annotated[int, Strict()]
+Flag = Annotated[bool, Strict()]
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
 
 
-def _check_number(key: str, value: Any, *, low: float | None = None, high: float | None = None,
-                  low_inclusive: bool = True, high_inclusive: bool = True) -> None:
-    bounds = []
-    if low is not None:
-        bounds.append(f"{'>=' if low_inclusive else '>'} {low:g}")
-    if high is not None:
-        bounds.append(f"{'<=' if high_inclusive else '<'} {high:g}")
-    allowed = "a finite number" + (f" {' and '.join(bounds)}" if bounds else "")
-    if not _is_number(value) or not math.isfinite(value):
-        _fail(key, value, allowed)
-    if low is not None and (value < low or (value == low and not low_inclusive)):
-        _fail(key, value, allowed)
-    if high is not None and (value > high or (value == high and not high_inclusive)):
-        _fail(key, value, allowed)
+def _list_or_tuple(value: Any) -> Any:
+    if not isinstance(value, (list, tuple)):
+        raise ValueError("not a list or tuple")  # a set would silently reorder the pair
+    return value
 
 
-def _check_int(key: str, value: Any, *, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        _fail(key, value, f"an integer >= {low}")
+AnyCase = BeforeValidator(_lower)  # an enum field accepts its value in any case: "HeavyBall" -> HEAVYBALL
+Beta = Annotated[Number, Field(ge=0.0, lt=1.0)]
+Betas = Annotated[tuple[Beta, Beta], BeforeValidator(_list_or_tuple)]
 
 
-def _check_bool(key: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        _fail(key, value, "true or false")
+def _invalid(key: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"Invalid DHO2 config value {key}={value!r}. Must be {allowed}.")
 
 
-def _to_enum(key: str, value: Any, enum_cls: type[enum.Enum]) -> Any:
-    allowed = ", ".join(repr(m.value) for m in enum_cls)
-    if isinstance(value, enum_cls):
-        return value
-    if isinstance(value, str):
-        for member in enum_cls:
-            if member.value == value.lower():
-                return member
-    _fail(key, value, f"one of {allowed}")
+def _not_a_mapping(value: Any) -> ConfigError:
+    return ConfigError(f"DHO2 params must be a mapping of key -> value, got {type(value).__name__}.")
 
 
-def _reject_unknown(section: str, data: Mapping[str, Any], known: set[str]) -> None:
-    unknown = sorted(set(data) - known)
-    if unknown:
-        where = f" in '{section}'" if section else ""
-        raise ConfigError(
-            f"Unknown DHO2 config key{'s' if len(unknown) > 1 else ''}{where}: {', '.join(map(repr, unknown))}. "
-            f"Allowed keys: {', '.join(sorted(known))}."
-        )
+class _Section(BaseModel):
+    """What every section shares: frozen, unknown keys rejected, pydantic's errors raised as ConfigError."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    _key: ClassVar[str] = ""  # where the section sits in a DHO2 config ("admm"); "" for the top level
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise _config_error(type(self), values, error) from None
+
+    @classmethod
+    def model_validate(cls, obj: Any, **options: Any) -> "_Section":
+        """pydantic's entry point, raising :class:`ConfigError` like the constructor."""
+        try:
+            return super().model_validate(obj, **options)
+        except ValidationError as error:
+            raise _config_error(cls, obj, error) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise self._frozen(name)
+
+    def __delattr__(self, name: str) -> None:
+        raise self._frozen(name)
+
+    def _frozen(self, name: str) -> AttributeError:
+        return AttributeError(f"Cannot change {type(self).__name__}.{name}: DHO2 configs are frozen. "
+                              "Build a new one, e.g. DHO2Config.from_dict({**config.to_dict(), ...}).")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ADMMConfig:
-    """ADMM-like coupling of successive windows (DESIGN.md section 4).
+class ADMMConfig(_Section):
+    """ADMM-like coupling of successive windows (docs/design.md, "ADMM").
 
     ``max_extrapolation_ratio`` is the overshoot safeguard: the window-end extrapolation ``y/rho`` is
     scaled down so that its global norm never exceeds ``max_extrapolation_ratio * ||x||``.
@@ -129,26 +137,17 @@ class ADMMConfig:
     loss on digits (0.1324 vs 0.1258 with curvature, 0.1185 vs 0.1021 without) and SST-2 (0.4662 vs 0.4386).
     """
 
-    enabled: bool = False  # off by default: over 3 seeds it raised the final loss on digits and SST-2
-    rho: float = 5e-9
-    window: int | None = None
-    max_extrapolation_ratio: float = 0.05
-    dual_decay: float = 1.0
-    extrapolation: ADMMExtrapolation = ADMMExtrapolation.CHECKED
+    _key: ClassVar[str] = "admm"
 
-    def __post_init__(self) -> None:
-        _check_bool("admm.enabled", self.enabled)
-        _check_number("admm.rho", self.rho, low=0.0, low_inclusive=False)
-        if self.window is not None:
-            _check_int("admm.window", self.window, low=1)
-        _check_number("admm.max_extrapolation_ratio", self.max_extrapolation_ratio, low=0.0)
-        _check_number("admm.dual_decay", self.dual_decay, low=0.0, high=1.0)
-        object.__setattr__(self, "extrapolation", _to_enum("admm.extrapolation", self.extrapolation,
-                                                           ADMMExtrapolation))
+    enabled: Flag = False  # off by default: over 3 seeds it raised the final loss on digits and SST-2
+    rho: Number = Field(5e-9, gt=0.0)
+    window: Count | None = Field(None, ge=1)
+    max_extrapolation_ratio: Number = Field(0.05, ge=0.0)
+    dual_decay: Number = Field(1.0, ge=0.0, le=1.0)
+    extrapolation: Annotated[ADMMExtrapolation, AnyCase] = ADMMExtrapolation.CHECKED
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class CurvatureConfig:
+class CurvatureConfig(_Section):
     """How the curvature tracker refreshes the eigenbasis (``ds_dho2.curvature``).
 
     ``enabled=False`` turns DHO2 into its base optimizer (optionally with ADMM), the ablation baseline.
@@ -166,99 +165,95 @@ class CurvatureConfig:
     ``4 * refresh_interval``, and ``max_interval == refresh_interval`` turns adaptation off.
     """
 
-    enabled: bool = True
-    mode: CurvatureMode = CurvatureMode.BLOCKING
-    iterations_per_step: int | None = None
-    batch_fraction: float = 0.25
-    warm_start: bool = True
-    warm_start_noise: float = 0.1
-    tolerance: float = 0.05
-    max_interval: int | None = None
+    _key: ClassVar[str] = "curvature"
 
-    def __post_init__(self) -> None:
-        _check_bool("curvature.enabled", self.enabled)
-        object.__setattr__(self, "mode", _to_enum("curvature.mode", self.mode, CurvatureMode))
-        if self.iterations_per_step is not None:
-            _check_int("curvature.iterations_per_step", self.iterations_per_step, low=1)
-        _check_number("curvature.batch_fraction", self.batch_fraction, low=0.0, high=1.0, low_inclusive=False)
-        _check_bool("curvature.warm_start", self.warm_start)
-        _check_number("curvature.warm_start_noise", self.warm_start_noise, low=0.0)
-        _check_number("curvature.tolerance", self.tolerance, low=0.0, low_inclusive=False)
-        if self.max_interval is not None:
-            _check_int("curvature.max_interval", self.max_interval, low=1)
+    enabled: Flag = True
+    mode: Annotated[CurvatureMode, AnyCase] = CurvatureMode.BLOCKING
+    iterations_per_step: Count | None = Field(None, ge=1)
+    batch_fraction: Number = Field(0.25, gt=0.0, le=1.0)
+    warm_start: Flag = True
+    warm_start_noise: Number = Field(0.1, ge=0.0)
+    tolerance: Number = Field(0.05, gt=0.0)
+    max_interval: Count | None = Field(None, ge=1)
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class DHO2Config:
+class DHO2Config(_Section):
     """All DHO2 hyper-parameters; see the README for the meaning of each."""
 
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    base: BaseOptimizer = BaseOptimizer.ADAMW
-    momentum: float = 0.9
-    rank: int = 4
-    lanczos_order: int | None = None
-    alpha: float = 0.1
-    newton_momentum: float = 0.9
-    refresh_interval: int = 50
-    warmup_steps: int | None = None
-    lr_clip: float | None = None
-    eig_floor: float = 1e-4
-    newton_max_ratio: float = 10.0
-    hvp: HVPMethod = HVPMethod.AUTO
-    lanczos_dtype: str = "float32"
-    max_nonfinite_steps: int = 10
-    seed: int = 0
-    curvature: CurvatureConfig = dataclasses.field(default_factory=CurvatureConfig)
-    admm: ADMMConfig = dataclasses.field(default_factory=ADMMConfig)
+    lr: Number = Field(1e-3, ge=0.0)
+    betas: Betas = (0.9, 0.999)
+    eps: Number = Field(1e-8, gt=0.0)
+    weight_decay: Number = Field(0.0, ge=0.0)
+    base: Annotated[BaseOptimizer, AnyCase] = BaseOptimizer.ADAMW
+    momentum: Number = Field(0.9, ge=0.0, lt=1.0)
+    rank: Count = Field(4, ge=1)
+    lanczos_order: Count | None = Field(None, ge=1, validate_default=True,
+                                        description="At least rank; None means 2 * rank.")
+    alpha: Number = Field(0.1, ge=0.0)
+    newton_momentum: Number = Field(0.9, ge=0.0, lt=1.0)
+    refresh_interval: Count = Field(50, ge=1)
+    warmup_steps: Count | None = Field(None, ge=1, validate_default=True,
+                                       description="None means refresh_interval.")
+    lr_clip: Number | None = Field(None, ge=1.0, validate_default=True,
+                                   description="None means 1.0 for base adamw, 3.0 for heavyball.")
+    eig_floor: Number = Field(1e-4, ge=0.0, lt=1.0)
+    newton_max_ratio: Number = Field(10.0, gt=0.0)
+    hvp: Annotated[HVPMethod, AnyCase] = HVPMethod.AUTO
+    lanczos_dtype: Literal["float64", "float32"] = "float32"
+    max_nonfinite_steps: Count = Field(10, ge=1)
+    seed: Count = Field(0, ge=0)
+    curvature: CurvatureConfig = Field(default_factory=CurvatureConfig,
+                                       description="max_interval, when set, is at least refresh_interval.")
+    admm: ADMMConfig = Field(default_factory=ADMMConfig)
 
-    def __post_init__(self) -> None:
-        _check_number("lr", self.lr, low=0.0)
-        betas = self.betas
-        if (not isinstance(betas, (tuple, list)) or len(betas) != 2
-                or not all(_is_number(b) and 0.0 <= b < 1.0 for b in betas)):
-            _fail("betas", betas, "a pair of numbers in [0, 1)")
-        object.__setattr__(self, "betas", (float(betas[0]), float(betas[1])))
-        _check_number("eps", self.eps, low=0.0, low_inclusive=False)
-        _check_number("weight_decay", self.weight_decay, low=0.0)
-        object.__setattr__(self, "base", _to_enum("base", self.base, BaseOptimizer))
-        _check_number("momentum", self.momentum, low=0.0, high=1.0, high_inclusive=False)
-        _check_int("rank", self.rank, low=1)
-        if self.lanczos_order is None:
-            object.__setattr__(self, "lanczos_order", 2 * self.rank)
-        _check_int("lanczos_order", self.lanczos_order, low=1)
-        if self.lanczos_order < self.rank:
-            _fail("lanczos_order", self.lanczos_order, f"an integer >= rank ({self.rank})")
-        _check_number("alpha", self.alpha, low=0.0)
-        _check_number("newton_momentum", self.newton_momentum, low=0.0, high=1.0, high_inclusive=False)
-        _check_int("refresh_interval", self.refresh_interval, low=1)
-        if self.warmup_steps is None:
-            object.__setattr__(self, "warmup_steps", self.refresh_interval)
-        _check_int("warmup_steps", self.warmup_steps, low=1)
-        if self.lr_clip is None:
-            object.__setattr__(self, "lr_clip", 1.0 if self.base is BaseOptimizer.ADAMW else 3.0)
-        _check_number("lr_clip", self.lr_clip, low=1.0)
-        _check_number("eig_floor", self.eig_floor, low=0.0, high=1.0, high_inclusive=False)
-        _check_number("newton_max_ratio", self.newton_max_ratio, low=0.0, low_inclusive=False)
-        object.__setattr__(self, "hvp", _to_enum("hvp", self.hvp, HVPMethod))
-        if self.lanczos_dtype not in _DTYPES:
-            _fail("lanczos_dtype", self.lanczos_dtype, "'float64' or 'float32'")
-        _check_int("max_nonfinite_steps", self.max_nonfinite_steps, low=1)
-        _check_int("seed", self.seed, low=0)
-        if isinstance(self.curvature, Mapping):
-            object.__setattr__(self, "curvature", _section(CurvatureConfig, "curvature", self.curvature))
-        if isinstance(self.admm, Mapping):
-            object.__setattr__(self, "admm", _section(ADMMConfig, "admm", self.admm))
-        if not isinstance(self.curvature, CurvatureConfig):
-            _fail("curvature", self.curvature, "a mapping with keys "
-                  + ", ".join(f.name for f in dataclasses.fields(CurvatureConfig)))
-        if not isinstance(self.admm, ADMMConfig):
-            _fail("admm", self.admm, "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(ADMMConfig)))
-        if self.curvature.max_interval is not None and self.curvature.max_interval < self.refresh_interval:
-            _fail("curvature.max_interval", self.curvature.max_interval,
-                  f"an integer >= refresh_interval ({self.refresh_interval})")
+    # Derived defaults and cross-field rules. A field validator sees the fields declared before it in
+    # info.data (those that passed); one that is missing there is reported invalid already.
+    @field_validator("lanczos_order")
+    @classmethod
+    def _order_covers_rank(cls, order: int | None, info: ValidationInfo) -> int | None:
+        rank = info.data.get("rank")
+        if rank is None:
+            return order
+        if order is None:
+            return 2 * rank
+        if order < rank:
+            raise _invalid("lanczos_order", order, f"an integer >= rank ({rank})")
+        return order
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup_defaults_to_interval(cls, steps: int | None, info: ValidationInfo) -> int | None:
+        return info.data.get("refresh_interval") if steps is None else steps
+
+    @field_validator("lr_clip")
+    @classmethod
+    def _lr_clip_default_for_base(cls, clip: float | None, info: ValidationInfo) -> float | None:
+        if clip is None:
+            return 1.0 if info.data.get("base") is BaseOptimizer.ADAMW else 3.0
+        return clip
+
+    @field_validator("curvature")
+    @classmethod
+    def _max_interval_covers_refresh(cls, curvature: CurvatureConfig,
+                                     info: ValidationInfo) -> CurvatureConfig:
+        interval, longest = info.data.get("refresh_interval"), curvature.max_interval
+        if interval is not None and longest is not None and longest < interval:
+            raise _invalid("curvature.max_interval", longest, f"an integer >= refresh_interval ({interval})")
+        return curvature
+
+    @model_validator(mode="after")
+    def _interleaved_schedule_fits(self) -> "DHO2Config":
+        """An interleaved refresh must finish its Lanczos iterations within one refresh interval."""
+        per_step = self.curvature.iterations_per_step
+        if self.curvature.mode is CurvatureMode.INTERLEAVED and per_step is not None:
+            steps_needed = math.ceil(self.lanczos_order / per_step)
+            if steps_needed > self.refresh_interval:
+                raise ConfigError(
+                    f"Invalid interleaved curvature schedule: lanczos_order={self.lanczos_order} at "
+                    f"curvature.iterations_per_step={per_step} takes {steps_needed} steps, more than "
+                    f"refresh_interval={self.refresh_interval}. "
+                    "Raise iterations_per_step or refresh_interval.")
+        return self
 
     @property
     def max_refresh_interval(self) -> int:
@@ -275,25 +270,89 @@ class DHO2Config:
     def from_dict(cls, params: Mapping[str, Any]) -> "DHO2Config":
         """Build from a plain dict (a DeepSpeed ``"params"`` block); rejects unknown keys."""
         if not isinstance(params, Mapping):
-            raise ConfigError(f"DHO2 params must be a mapping of key -> value, got {type(params).__name__}.")
-        _reject_unknown("", params, {f.name for f in dataclasses.fields(cls)})
-        return cls(**dict(params))
+            raise _not_a_mapping(params)
+        return cls(**params)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-serialisable form (enums as strings)."""
-
-        def plain(value: Any) -> Any:
-            if isinstance(value, enum.Enum):
-                return value.value
-            if dataclasses.is_dataclass(value):
-                return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-            if isinstance(value, tuple):
-                return list(value)
-            return value
-
-        return plain(self)
+        """Plain, JSON-serialisable form (enums as strings, betas as a list)."""
+        return self.model_dump(mode="json")
 
 
-def _section(cls: type, name: str, data: Mapping[str, Any]) -> Any:
-    _reject_unknown(name, data, {f.name for f in dataclasses.fields(cls)})
-    return cls(**dict(data))
+# ------------------------------------------------------------------------- pydantic errors -> ConfigError
+def _config_error(model: type[_Section], values: Any, error: ValidationError) -> ConfigError:
+    """The one error a user sees: unknown keys first (this section's, then a nested one's), else the first
+    bad value in field order, with what is allowed read from that field's declaration.
+
+    A nested section validates a dict through its own ``__init__``, so its error arrives here already
+    translated, as the cause of a ``value_error``; so do those the validators above raise.
+    """
+    problems = error.errors()
+    unknown = sorted(str(p["loc"][-1]) for p in problems if p["type"] == "extra_forbidden")
+    if unknown:
+        where = f" in {model._key!r}" if model._key else ""
+        return ConfigError(
+            f"Unknown DHO2 config key{'s' if len(unknown) > 1 else ''}{where}: "
+            f"{', '.join(map(repr, unknown))}. Allowed keys: {', '.join(sorted(model.model_fields))}.")
+    causes = [p.get("ctx", {}).get("error") for p in problems]
+    nested_unknown = [c for c in causes if isinstance(c, ConfigError) and str(c).startswith("Unknown DHO2 config key")]
+    if nested_unknown:
+        return nested_unknown[0]
+    if isinstance(causes[0], ConfigError):
+        return causes[0]
+    if not problems[0]["loc"]:  # the whole input, e.g. model_validate(3)
+        return _not_a_mapping(values)
+    name = problems[0]["loc"][0]
+    field = model.model_fields[name]
+    return _invalid(f"{model._key}.{name}" if model._key else name, values[name],
+                    _allowed(field.annotation, field.metadata))
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, _Section)
+
+
+def _allowed(annotation: Any, constraints: list[Any]) -> str:
+    """What a field accepts, in words, from its declared type and constraints ("an integer >= 1")."""
+    kind, constraints = _bare(annotation, constraints)
+    if kind is bool:
+        return "true or false"
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        return "one of " + ", ".join(repr(member.value) for member in kind)
+    if _is_section(kind):
+        return "a mapping with keys " + ", ".join(kind.model_fields)
+    if get_origin(kind) is Literal:
+        return " or ".join(map(repr, get_args(kind)))
+    if get_origin(kind) is tuple and len(get_args(kind)) == 2:
+        return f"a pair of numbers in {_interval(_bare(get_args(kind)[0], [])[1])}"
+    bounds = " and ".join(f"{sign} {limit:g}" for sign, limit in _bounds(constraints))
+    return ("an integer" if kind is int else "a finite number") + (f" {bounds}" if bounds else "")
+
+
+def _bare(annotation: Any, constraints: list[Any]) -> tuple[Any, list[Any]]:
+    """Strip ``Optional`` and ``Annotated`` from a type, collecting the constraints found on the way."""
+    constraints = list(constraints)
+    while True:
+        if get_origin(annotation) is Annotated:
+            annotation, *extra = get_args(annotation)
+            for item in extra:
+                constraints += item.metadata if isinstance(item, FieldInfo) else [item]
+        elif get_origin(annotation) in (Union, types.UnionType):
+            annotation = next(arg for arg in get_args(annotation) if arg is not type(None))
+        else:
+            return annotation, constraints
+
+
+_SIGNS = ((annotated_types.Gt, "gt", ">"), (annotated_types.Ge, "ge", ">="),
+          (annotated_types.Lt, "lt", "<"), (annotated_types.Le, "le", "<="))
+
+
+def _bounds(constraints: list[Any]) -> list[tuple[str, float]]:
+    """``(sign, limit)`` of each bound, lower bounds first: ``[(">=", 0), ("<", 1)]``."""
+    return [(sign, getattr(item, attr)) for kind, attr, sign in _SIGNS for item in constraints
+            if isinstance(item, kind)]
+
+
+def _interval(constraints: list[Any]) -> str:
+    """Interval notation for a lower and an upper bound: ``[0, 1)``."""
+    (low_sign, low), (high_sign, high) = _bounds(constraints)
+    return f"{'[' if low_sign == '>=' else '('}{low:g}, {high:g}{']' if high_sign == '<=' else ')'}"

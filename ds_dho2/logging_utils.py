@@ -1,11 +1,12 @@
-"""The library's root logger ``ds_dho2``: visible by default, the way transformers sets up its own.
+"""Logging as a library does it: ``import ds_dho2`` adds only a ``NullHandler``; applications decide.
 
-:func:`configure_library_logger` (called once by ``import ds_dho2``) gives the ``ds_dho2`` logger one
-``StreamHandler`` on stderr that writes the bare message, sets its level from the environment variable
-``DS_DHO2_LOG_LEVEL`` (``debug``, ``info``, ``warning``, ``error`` or ``critical``, any case; default
-``info``) and stops propagation, so messages appear once whatever the application does with the root
-logger. Every module logs through ``logging.getLogger(__name__)`` below it. Change the level at run
-time with ``logging.getLogger("ds_dho2").setLevel(...)`` or :func:`set_level`.
+Every module logs through ``logging.getLogger(__name__)``, below the ``ds_dho2`` logger, which keeps
+propagating to the root logger: ``logging.basicConfig(level=logging.INFO)`` in a script shows DHO2's
+per-refresh lines, ``logging.getLogger("ds_dho2").setLevel(logging.WARNING)`` silences them. Messages
+about the whole run (a refresh, a dropped basis, a failed refresh) are logged on the main rank only
+(:func:`log_on_main_rank`), so W ranks do not print them W times. The ``ds-dho2`` command line and the
+demo configure a stderr handler themselves (:func:`configure_cli_logging`), with the level from
+``DS_DHO2_LOG_LEVEL``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
+from typing import Any
 
 LIBRARY_LOGGER = "ds_dho2"
 LEVEL_VARIABLE = "DS_DHO2_LOG_LEVEL"
@@ -21,8 +22,12 @@ DEFAULT_LEVEL = logging.INFO
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR,
           "critical": logging.CRITICAL}
 
-_lock = threading.Lock()
-_handler: logging.Handler | None = None
+
+def add_null_handler() -> None:
+    """What ``import ds_dho2`` does to logging: one ``NullHandler`` on the ``ds_dho2`` logger, nothing else."""
+    logger = logging.getLogger(LIBRARY_LOGGER)
+    if not any(isinstance(handler, logging.NullHandler) for handler in logger.handlers):
+        logger.addHandler(logging.NullHandler())
 
 
 def level_from_environment() -> int:
@@ -37,23 +42,37 @@ def level_from_environment() -> int:
     return DEFAULT_LEVEL
 
 
-def configure_library_logger() -> logging.Logger:
-    """Install the stderr handler on the ``ds_dho2`` logger (once) and return that logger."""
-    global _handler
+def configure_cli_logging() -> logging.Logger:
+    """For the command line and the demo: the ``ds_dho2`` logger writes bare messages to stderr at the
+    ``DS_DHO2_LOG_LEVEL`` level, once (its records do not also reach a root handler)."""
     logger = logging.getLogger(LIBRARY_LOGGER)
-    with _lock:
-        if _handler is not None:
-            return logger
-        _handler = logging.StreamHandler(sys.stderr)
-        logger.addHandler(_handler)
+    if not any(getattr(handler, "_ds_dho2_cli", False) for handler in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler._ds_dho2_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
         logger.propagate = False
-        logger.setLevel(level_from_environment())  # after the handler: a bad value's warning shows once
+    logger.setLevel(level_from_environment())
     return logger
 
 
-def set_level(level: int | str) -> None:
-    """Set the ``ds_dho2`` logger's level (a ``logging`` level or one of the names of :data:`LEVELS`)."""
-    logging.getLogger(LIBRARY_LOGGER).setLevel(LEVELS[level.lower()] if isinstance(level, str) else level)
+def main_rank() -> bool:
+    """Whether this process is global rank 0: DeepSpeed's communicator where DeepSpeed runs, else
+    ``torch.distributed``, else True (a single process)."""
+    deepspeed_comm = sys.modules.get("deepspeed.comm")
+    if deepspeed_comm is not None and getattr(deepspeed_comm, "is_initialized", lambda: False)():
+        return deepspeed_comm.get_rank() == 0
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return True
 
 
-__all__ = ["LEVEL_VARIABLE", "configure_library_logger", "level_from_environment", "set_level"]
+def log_on_main_rank(logger: logging.Logger, level: int, message: str, *args: Any) -> None:
+    """``logger.log(level, message, *args)`` on global rank 0 only."""
+    if logger.isEnabledFor(level) and main_rank():
+        logger.log(level, message, *args)
+
+
+__all__ = ["LEVEL_VARIABLE", "add_null_handler", "configure_cli_logging", "level_from_environment",
+           "log_on_main_rank", "main_rank"]

@@ -1,4 +1,4 @@
-"""ADMM-like coupling of successive windows (DESIGN.md section 4), on one rank's flat slice.
+"""ADMM-like coupling of successive windows (docs/design.md, "ADMM"), on one rank's flat slice.
 
 Every step the update sees ``g + y``. At a window end: ``y <- y + rho*(x - z)``, then the extrapolation
 ``e = y/rho`` moves ``x`` and ``z`` is set to the point it leads to. Safeguard: ``e`` is scaled so that
@@ -47,7 +47,7 @@ class WindowEndResult:
 def window_end_extrapolation(x: torch.Tensor, dual: torch.Tensor, anchor: torch.Tensor, *, rho: float,
                              max_extrapolation_ratio: float, comm: Communicator) -> WindowEndResult:
     """Update the dual in place (``y += rho (x - z)``) and return the capped extrapolation ``e = y/rho``;
-    neither ``x`` nor ``z`` is touched (see :func:`admm_window_end` for the jump)."""
+    neither ``x`` nor ``z`` is touched (``ds_dho2.update.admm`` applies it as the configured mode says)."""
     dual.add_(x - anchor, alpha=rho)
     extrapolation = dual / rho
     norms = torch.stack([(extrapolation * extrapolation).sum(), (x * x).sum()]).to(torch.float64)
@@ -65,16 +65,3 @@ def window_end_extrapolation(x: torch.Tensor, dual: torch.Tensor, anchor: torch.
         dual.mul_(scale)
         extrapolation.mul_(scale)
     return WindowEndResult(extrapolation=extrapolation, extrapolation_norm=extrapolation_norm * scale, scale=scale)
-
-
-def admm_window_end(x: torch.Tensor, dual: torch.Tensor, anchor: torch.Tensor, *, rho: float,
-                    max_extrapolation_ratio: float, comm: Communicator, dual_decay: float = 1.0) -> WindowEndResult:
-    """The literal rule in place: ``y += rho (x - z)``, ``x += y / rho`` (capped), ``z <- x``."""
-    result = window_end_extrapolation(x, dual, anchor, rho=rho, max_extrapolation_ratio=max_extrapolation_ratio,
-                                      comm=comm)
-    if result.extrapolation is not None:
-        x.add_(result.extrapolation)
-        anchor.copy_(x)
-        if dual_decay != 1.0:
-            dual.mul_(dual_decay)
-    return result

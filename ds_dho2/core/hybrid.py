@@ -1,9 +1,9 @@
-"""The hybrid-order step of DESIGN.md section 1, on one rank's flat slice.
+"""The hybrid-order step (docs/design.md, "The step"), on one rank's flat slice.
 
 :class:`Basis` holds the rank's eigenvector slices ``V_r`` (k x P_r) and the replicated eigenvalues.
 Every reduction of k numbers goes through the communicator, so the sharded step equals the unsharded one.
 The functions here never read a value on the host: flags, norms and statistics stay 0-dim tensors on the
-parameters' device, and each step needs two all-reduces of k + 2 numbers.
+parameters' device, and each step needs two all-reduces of k + 1 numbers.
 
 The step passes over ``V`` four times: ``V g``, ``g - V^T c``, ``V d`` and one fused
 ``d - V^T (V d + n)`` that removes the base step's subspace component and adds the Newton step.
@@ -117,9 +117,3 @@ def finish_update(direction: torch.Tensor, basis: Basis, newton_coefficients: to
         in_subspace = in_subspace * base_scale
     direction.addmv_(vectors.t(), in_subspace + clipped, alpha=-1)
     return Finish(requested=newton, applied=clipped)
-
-
-def transition_matrix(new: torch.Tensor, old: torch.Tensor, comm: Communicator) -> torch.Tensor:
-    """``V_new V_old^T`` (k_new x k_old, all-reduced): carries coefficient-space state into a new basis
-    (``u_new = C u_old``) and measures rotation (``||C||_F^2 / k`` is the mean squared principal cosine)."""
-    return comm.all_reduce(new.to(torch.float64) @ old.to(torch.float64).t())

@@ -25,12 +25,3 @@ def select_top_algebraic(values: torch.Tensor, k: int) -> torch.Tensor:
     finite_idx = torch.nonzero(torch.isfinite(values)).flatten()
     order = torch.argsort(values[finite_idx], descending=True)[:k]
     return finite_idx[order]
-
-
-def newton_scale(eigenvalues: torch.Tensor, lr_clip: float) -> float:
-    """``s = clip(lambda_max / lambda_min_of_k, 1, lr_clip)`` on magnitudes (DESIGN.md section 1, step 7)."""
-    if eigenvalues.numel() == 0:
-        return 1.0
-    magnitude = eigenvalues.abs()
-    ratio = float(magnitude.max() / magnitude.min())
-    return min(max(ratio, 1.0), lr_clip)

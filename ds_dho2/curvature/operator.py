@@ -1,4 +1,4 @@
-"""The sharded Hessian operator and Lanczos start vectors (DESIGN.md section 2).
+"""The sharded Hessian operator and Lanczos start vectors (docs/design.md, "Curvature").
 
 One product: all-gather this rank's slice of the vector, take ``H v`` on this rank's own batch with a
 products session (``ds_dho2.hvp``), average the products across ranks and keep this rank's slice.

@@ -11,7 +11,6 @@ curvature changes.
 
 from __future__ import annotations
 
-import math
 
 from ds_dho2.config import CurvatureMode, DHO2Config
 
@@ -53,10 +52,3 @@ class RefreshSchedule:
         if offset >= interval - 1:
             return order  # the last step of the window completes the run (iterate stops at the order)
         return (offset + 1) * order // interval - offset * order // interval
-
-    def steps_needed(self, order: int, interval: int) -> int:
-        """Steps an interleaved refresh of ``order`` iterations spans (1 for blocking)."""
-        fixed = self.config.curvature.iterations_per_step
-        if not self.interleaved:
-            return 1
-        return math.ceil(order / fixed) if fixed is not None else interval

@@ -44,6 +44,11 @@ class ShardLayout:
         """P: the number of real (unpadded) parameters."""
         return sum(p.numel() for p in self.params)
 
+    def record(self) -> dict[str, int]:
+        """The facts a checkpoint keeps to recognise this layout: world size, partition and total sizes."""
+        return {"world_size": self.world_size, "partition_numel": self.partition_numel,
+                "total_numel": self.total_numel}
+
     @property
     def local_start(self) -> int:
         """Offset of this rank's partition in the global padded vector."""

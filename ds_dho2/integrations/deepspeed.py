@@ -12,7 +12,13 @@ Registration (idempotent, done by ``import ds_dho2``):
   Unsupported set-ups (ZeRO-3, optimizer offload, elastic checkpoints, stage 0 with fp16/bf16 or with
   universal checkpoints) fail here, inside ``deepspeed.initialize``, with a message saying what is supported;
 * ``DeepSpeedEngine.load_checkpoint`` is wrapped so that DHO2 adopts the state of a universal checkpoint
-  (re-partitioned for this run) as soon as it is loaded (:func:`adopt_loaded_checkpoint`).
+  (re-partitioned for this run) as soon as it is loaded (:func:`adopt_loaded_checkpoint`), and a regular
+  checkpoint saved at another world size is refused with a message naming ``ds-dho2 to-universal``;
+* each bound engine's ``backward`` and ZeRO optimizer's ``step`` are wrapped (that engine only): the first
+  hands DHO2 the loss (:func:`route_backward_loss`), the second tells DHO2 about steps ZeRO skipped.
+
+Every point patched or read is listed, and checked against the installed DeepSpeed by :func:`register`, in
+:mod:`ds_dho2.integrations.patch_points`.
 
 :func:`load_config` reads one of the ``ds_configs/*.json`` files (written for the Hugging Face Trainer,
 which fills their ``"auto"`` values) and resolves every ``"auto"`` for plain ``deepspeed.initialize``.
@@ -29,15 +35,17 @@ from typing import Any, Mapping
 
 import torch
 
-from ds_dho2.checkpoint import is_flat_key
+from ds_dho2.checkpoint import CheckpointFormatError, is_flat_key, world_size_message
 from ds_dho2.dist.comm import TorchDistCommunicator
 from ds_dho2.dist.layout import ShardLayout
+from ds_dho2.integrations import patch_points
 from ds_dho2.optimizer import DHO2
 
 logger = logging.getLogger(__name__)
 
 OPTIMIZER_NAME = "DHO2"
 SUPPORTED = "DHO2 supports ZeRO stages 0 (fp32), 1 and 2 (fp32 and bf16) without optimizer offload."
+SUPPORTED_VERSIONS = "DeepSpeed >=0.19,<0.20"
 _WRAPPED_MARKER = "_ds_dho2_wrapped"
 
 
@@ -57,6 +65,7 @@ def register() -> None:
     import deepspeed.runtime.zero.utils as zero_utils
     from deepspeed.runtime.engine import DeepSpeedEngine
 
+    patch_points.check(patch_points.DEEPSPEED, SUPPORTED_VERSIONS)
     torch.optim.DHO2 = DHO2  # type: ignore[attr-defined]
     if DHO2 not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
         zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(DHO2)
@@ -90,13 +99,30 @@ def register() -> None:
 
         @functools.wraps(load)
         def load_checkpoint(engine: Any, *args: Any, **kwargs: Any) -> Any:
-            result = load(engine, *args, **kwargs)
+            try:
+                result = load(engine, *args, **kwargs)
+            except Exception as error:  # noqa: BLE001 - re-raised, with the way out when it is a W mismatch
+                mismatch = _world_size_mismatch(engine, error)
+                if mismatch is None:
+                    raise
+                raise CheckpointFormatError(world_size_message(*mismatch)) from error
             if isinstance(getattr(engine, "basic_optimizer", None), DHO2) and result and result[0] is not None:
                 adopt_loaded_checkpoint(engine)
             return result
 
         setattr(load_checkpoint, _WRAPPED_MARKER, True)
         DeepSpeedEngine.load_checkpoint = load_checkpoint
+
+
+def _world_size_mismatch(engine: Any, error: Exception) -> tuple[int, int] | None:
+    """``(saved, current)`` world sizes when ``error`` is DeepSpeed refusing a ZeRO checkpoint of another
+    data-parallel world size for an engine that runs DHO2, else None."""
+    import re
+
+    if not isinstance(getattr(engine, "basic_optimizer", None), DHO2):
+        return None
+    found = re.search(r"DP world size of (\d+) but the current world size is (\d+)", str(error))
+    return None if found is None else (int(found.group(1)), int(found.group(2)))
 
 
 def adopt_loaded_checkpoint(engine: Any) -> None:
@@ -151,6 +177,8 @@ def bind_engine(engine: Any) -> None:
         optimizer.bind_partition(*zero_partition_layout(engine.optimizer, optimizer))
     optimizer.attach(engine.module)
     route_backward_loss(engine, optimizer)
+    if stage > 0:
+        count_skipped_steps(engine.optimizer, optimizer)
     logger.info("DHO2 bound to DeepSpeed engine (ZeRO stage %d).", stage)
 
 
@@ -181,7 +209,7 @@ def route_backward_loss(engine: Any, optimizer: DHO2) -> None:
     def backward(loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         scale_wrt_gas = kwargs.get("scale_wrt_gas", args[1] if len(args) > 1 else True)
         scale = backward_loss_scale(engine.gradient_accumulation_steps(), bool(scale_wrt_gas))
-        if not (loss.requires_grad and optimizer._graph_products_due()):
+        if not (loss.requires_grad and optimizer.graph_products_due()):
             optimizer.on_backward(loss, scale)
             return original(loss, *args, **kwargs)
         if args:
@@ -201,27 +229,40 @@ def route_backward_loss(engine: Any, optimizer: DHO2) -> None:
     optimizer.bind_engine_backward(engine.is_gradient_accumulation_boundary)
 
 
+def count_skipped_steps(zero_optimizer: Any, optimizer: DHO2) -> None:
+    """Wrap this ZeRO optimizer's ``step`` so DHO2 counts the steps ZeRO skips on inf/NaN gradients (it
+    never calls DHO2 then), and ``max_nonfinite_steps`` stops a run whose gradients never recover."""
+    original = zero_optimizer.step
+    if getattr(original, _WRAPPED_MARKER, False):
+        return
+
+    @functools.wraps(original)
+    def step(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        if zero_optimizer.overflow:
+            optimizer.engine_skipped_step()
+        return result
+
+    setattr(step, _WRAPPED_MARKER, True)
+    zero_optimizer.step = step
+
+
 def _bypass_output_hooks(engine: Any) -> dict[str, bool]:
     """Make this engine's output backward hooks (DeepSpeed 0.19: ``_backward_prologue`` and
     ``_backward_prologue_per_tensor``, looked up on the engine at every forward / backward) do nothing while
-    the returned flag ``["running"]`` is set. Versions without them are left as they are."""
+    the returned flag ``["running"]`` is set (their presence is checked by :func:`register`)."""
     flag = {"running": False}
-    prologue = getattr(engine, "_backward_prologue", None)
-    per_tensor = getattr(engine, "_backward_prologue_per_tensor", None)
-    if callable(prologue):
-        engine._backward_prologue = functools.wraps(prologue)(
-            lambda *args, **kwargs: None if flag["running"] else prologue(*args, **kwargs))
-    if callable(per_tensor):
-        engine._backward_prologue_per_tensor = functools.wraps(per_tensor)(
-            lambda grad: grad if flag["running"] else per_tensor(grad))
+    prologue, per_tensor = engine._backward_prologue, engine._backward_prologue_per_tensor
+    engine._backward_prologue = functools.wraps(prologue)(
+        lambda *args, **kwargs: None if flag["running"] else prologue(*args, **kwargs))
+    engine._backward_prologue_per_tensor = functools.wraps(per_tensor)(
+        lambda grad: grad if flag["running"] else per_tensor(grad))
     return flag
 
 
 def zero_partition_layout(zero_optimizer: Any, optimizer: DHO2) -> tuple[ShardLayout, TorchDistCommunicator]:
     """The exact map between a DeepSpeed ZeRO-1/2 optimizer's flat fp32 partition and module parameters."""
-    required = ("round_robin_bit16_groups", "round_robin_bit16_padding", "partition_size",
-                "single_partition_of_fp32_groups", "real_dp_process_group")
-    missing = [name for name in required if not hasattr(zero_optimizer, name)]
+    missing = [name for name in patch_points.ZERO_INSTANCE if not hasattr(zero_optimizer, name)]
     if missing:
         raise UnsupportedDeepSpeedSetup(
             f"DHO2 cannot read the partition layout of {type(zero_optimizer).__name__} (missing {missing}). "

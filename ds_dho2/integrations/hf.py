@@ -58,7 +58,6 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from ds_dho2.hvp.capture import loss_from_output
 from ds_dho2.optimizer import DHO2
 
 logger = logging.getLogger(__name__)
@@ -143,28 +142,6 @@ def curvature_log_entries(optimizer: DHO2) -> dict[str, float]:
             if value is not None:
                 entries[PREFIX + key] = value
     return entries
-
-
-def trainer_loss_scale(args: Any) -> int:
-    """The factor the Trainer multiplies a model's loss by before differentiating it (DHO2 itself no longer
-    needs it: see ``ds_dho2.curvature.loss_scale``).
-
-    With ``average_tokens_across_devices`` (the transformers 5 default) and a model that receives
-    ``num_items_in_batch``, ``Trainer.compute_loss`` multiplies the loss (local token sum / global token
-    count) by the number of processes, so that DeepSpeed's gradient average is the global mean.
-    """
-    if not getattr(args, "average_tokens_across_devices", False):
-        return 1
-    return max(1, int(getattr(args, "world_size", 1)))
-
-
-def scaled_trainer_loss(output: Any, args: tuple, kwargs: dict, scale: int) -> Any:
-    """DHO2's refresh loss made identical to the loss the Trainer differentiated on that batch, so the
-    Hessian-vector products (and eigenvalues) have the scale of the gradient DHO2 receives."""
-    loss = loss_from_output(output)
-    if kwargs.get("num_items_in_batch") is not None:
-        loss = loss * scale
-    return loss
 
 
 class DHO2CurvatureCallback(TrainerCallback):
@@ -293,5 +270,5 @@ def dho2_optimizer_cls_and_kwargs(**params: Any) -> tuple[type[DHO2], dict[str, 
 
 
 __all__ = ["DHO2CurvatureCallback", "add_curvature_callback", "curvature_log_entries",
-           "dho2_optimizer_cls_and_kwargs", "ensure_curvature_callback", "find_dho2", "scaled_trainer_loss",
-           "short_run_message", "trainer_loss_scale"]
+           "dho2_optimizer_cls_and_kwargs", "ensure_curvature_callback", "find_dho2",
+           "short_run_message"]

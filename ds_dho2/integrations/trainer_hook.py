@@ -28,6 +28,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 TRAINER_MODULE = "transformers.trainer"
+SUPPORTED_VERSIONS = "transformers >=5.0,<6"
 _MARKER = "_ds_dho2_curvature_callback"
 _lock = threading.Lock()
 
@@ -49,10 +50,18 @@ def install() -> None:
 
 
 def patch_trainer_module(module: ModuleType) -> None:
-    """Wrap ``module.Trainer.__init__`` so that every Trainer ends with one curvature callback, first."""
-    trainer_cls = getattr(module, "Trainer", None)
-    if trainer_cls is None:
+    """Wrap ``module.Trainer.__init__`` so that every Trainer ends with one curvature callback, first.
+
+    The patch points are checked first (:data:`~ds_dho2.integrations.patch_points.TRANSFORMERS`): with a
+    transformers release that lacks one, a warning names it and the version, and no Trainer is patched."""
+    from ds_dho2.integrations import patch_points
+
+    try:
+        patch_points.check(patch_points.TRANSFORMERS, SUPPORTED_VERSIONS)
+    except patch_points.IncompatibleVersionError as error:
+        logger.warning("%s The dho2/* statistics will not reach the Trainer's logs.", error)
         return
+    trainer_cls = module.Trainer
     original = trainer_cls.__init__
     if getattr(original, _MARKER, False):
         return
@@ -86,10 +95,7 @@ class _PatchingLoader(importlib.abc.Loader):
             module.__spec__.loader = self.loader
         self.loader.exec_module(module)
         self.hook.remove()
-        try:
-            patch_trainer_module(module)
-        except Exception:  # noqa: BLE001 - never break the import of transformers
-            logger.debug("DHO2 could not patch transformers.Trainer.", exc_info=True)
+        patch_trainer_module(module)
 
     def __getattr__(self, name: str) -> Any:  # get_source, is_package, ... of the real loader
         return getattr(self.loader, name)

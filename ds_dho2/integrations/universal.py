@@ -11,8 +11,10 @@ functions replaced for the duration of the call:
   eigenvector, ADMM and in-flight Lanczos entries, and ``momentum_buffer`` for a heavy-ball base), a float64
   entry as two float32 halves (DeepSpeed loads universal optimizer state as float32);
 * merging writes ``zero/<param>/<entry>.pt`` for those entries as it does for ``exp_avg``;
-* the common optimizer state gets DHO2's replicated part, also for checkpoints written in the nested form
-  of earlier ds_dho2 versions (which are packed here first).
+* the common optimizer state keeps DHO2's replicated part (rank 0's ``param_groups[0]["dho2_replicated"]``).
+
+A checkpoint of another saved-form version is refused with the message of
+:func:`ds_dho2.checkpoint.check_format`.
 
 It relies on functions internal to DeepSpeed's converter, so it checks the DeepSpeed version first.
 """
@@ -28,8 +30,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ds_dho2 import state_keys as K
-from ds_dho2.checkpoint import GROUP_KEY, LO_SUFFIX, pack_entry, split_float64
+from ds_dho2.checkpoint import GROUP_KEY, LO_SUFFIX, STEP_KEY, CheckpointFormatError, check_format, split_float64
 
 logger = logging.getLogger(__name__)
 
@@ -37,28 +38,16 @@ logger = logging.getLogger(__name__)
 DEEPSPEED_SUPPORTED = ("0.19.8", "0.20")
 #: the state kinds DeepSpeed's converter merges itself
 _STOCK_KINDS = {"fp32", "exp_avg", "exp_avg_sq", "step"}
-#: DeepSpeed converter functions used or replaced, with the parameters they must have
-_REQUIRED_FUNCTIONS = {
-    "main": ("args",),
-    "extract_zero_shards": ("dir", "ds_checkpoint", "indices_3D"),
-    "merge_tp_slices": ("uc_info", "dir", "slice_dir", "tp_degree", "name_and_shapes"),
-    "_save_optimizer_state": ("args", "ds_checkpoint"),
-    "dump_param_fragment": ("dir", "tp_index", "dp_index", "state_name", "state_flat_tensor", "param_name",
-                            "offset", "numel"),
-    "_merge_zero_shards": ("param_base_path", "state", "tp_degree", "slice_shapes"),
-    "_save_checkpoint": ("file_path", "chkpt_sd"),
-}
-
-
 class UniversalConversionError(RuntimeError):
     """The checkpoint cannot be converted (reported as one line by ``ds-dho2 to-universal``)."""
 
 
 def check_deepspeed() -> Any:
-    """The ``deepspeed.checkpoint.ds_to_universal`` module, if this DeepSpeed is one the converter supports."""
-    import inspect
-
+    """The ``deepspeed.checkpoint.ds_to_universal`` module, if this DeepSpeed is one the converter supports
+    (its version, and every converter function listed in ``patch_points.UNIVERSAL_CONVERTER``)."""
     from packaging.version import Version
+
+    from ds_dho2.integrations import patch_points
 
     low, high = DEEPSPEED_SUPPORTED
     need = f"deepspeed>={low},<{high}"
@@ -73,11 +62,8 @@ def check_deepspeed() -> Any:
     if not Version(low) <= version < Version(high):
         problem = f"found DeepSpeed {deepspeed.__version__}"
     else:
-        for name, parameters in _REQUIRED_FUNCTIONS.items():
-            function = getattr(converter, name, None)
-            if function is None or tuple(inspect.signature(function).parameters)[:len(parameters)] != parameters:
-                problem = f"DeepSpeed {deepspeed.__version__} has no {name}{parameters}"
-                break
+        problems = [patch_points.problem(point) for point in patch_points.UNIVERSAL_CONVERTER]
+        problem = next((f"DeepSpeed {deepspeed.__version__}: {text}" for text in problems if text), None)
     if problem:
         raise UniversalConversionError(
             f"ds-dho2 to-universal extends DeepSpeed's ds_to_universal through functions internal to it, and "
@@ -134,10 +120,19 @@ def _check_folders(source: str, target: str) -> int:
     base = optim.get("base_optimizer_state")
     groups = base.get("param_groups") if isinstance(base, dict) else None
     state = base.get("state", {}).get(0, {}) if isinstance(base, dict) else {}
-    if not (groups and GROUP_KEY in groups[0]) and K.CURVATURE not in state:
+    if not (groups and GROUP_KEY in groups[0]):
+        if "dho2" in state:  # the nested form of earlier ds_dho2 versions
+            try:
+                check_format(None)
+            except CheckpointFormatError as error:
+                raise UniversalConversionError(str(error)) from None
         raise UniversalConversionError(
             f"{source} holds no DHO2 optimizer state (was it saved with another optimizer?). Convert it with "
             "DeepSpeed's own 'python -m deepspeed.checkpoint.ds_to_universal'.")
+    try:
+        check_format(groups[0][GROUP_KEY])
+    except CheckpointFormatError as error:
+        raise UniversalConversionError(str(error)) from None
     if os.path.normpath(target) == os.path.normpath(source):
         raise UniversalConversionError("OUTPUT_FOLDER must differ from INPUT_FOLDER.")
     if os.path.isdir(target) and os.listdir(target):
@@ -168,11 +163,9 @@ def _flat_entries(optim_sd: dict, group_index: int) -> dict[str, Any]:
     padding = int((optim_sd.get(GROUP_PADDINGS) or [0] * (group_index + 1))[group_index])
     shard = fp32.numel() + padding
     entry = optim_sd[BASE_OPTIMIZER_STATE]["state"].get(group_index, {})
-    if K.CURVATURE in entry:  # the nested form of earlier ds_dho2 versions
-        entry, _ = pack_entry(entry)
     flat: dict[str, Any] = {}
     for key, value in entry.items():
-        if key == K.STEP or not torch.is_tensor(value):
+        if key == STEP_KEY or not torch.is_tensor(value):
             continue
         if value.dim() != 1 or value.numel() not in (shard, fp32.numel()):
             raise UniversalConversionError(
@@ -183,8 +176,8 @@ def _flat_entries(optim_sd: dict, group_index: int) -> dict[str, Any]:
         else:
             flat[key] = value
     flat["fp32"] = fp32
-    if K.STEP in entry:
-        flat[K.STEP] = entry[K.STEP]
+    if STEP_KEY in entry:
+        flat[STEP_KEY] = entry[STEP_KEY]
     return flat
 
 
@@ -232,8 +225,8 @@ def _merge_tp_slices(uc_info: Any, dir: str, slice_dir: str, tp_degree: int, nam
 
 
 def _save_optimizer_state(args: Any, ds_checkpoint: Any) -> None:
-    """Replaces ``ds_to_universal._save_optimizer_state``: rank 0's common state and param groups, with DHO2's
-    replicated part (packed here from a checkpoint in the nested form)."""
+    """Replaces ``ds_to_universal._save_optimizer_state``: rank 0's common state and param groups, DHO2's
+    replicated part included."""
     import deepspeed.checkpoint.ds_to_universal as converter
     from deepspeed.checkpoint.constants import (BASE_OPTIMIZER_STATE, GROUP_PADDINGS, OPTIMIZER_STATE_DICT,
                                                 PARAM_GROUPS, PARAM_SLICE_MAPPINGS, SINGLE_PARTITION_OF_FP32_GROUPS)
@@ -244,11 +237,5 @@ def _save_optimizer_state(args: Any, ds_checkpoint: Any) -> None:
     output = {key: value for key, value in optim_sd.items() if key not in sharded}
     if output.get(GROUP_PADDINGS):
         output[GROUP_PADDINGS] = [0] * len(output[GROUP_PADDINGS])  # as DeepSpeed's stripped copy says
-    groups = [dict(group) for group in optim_sd[BASE_OPTIMIZER_STATE][PARAM_GROUPS]]
-    entry = optim_sd[BASE_OPTIMIZER_STATE]["state"].get(0, {})
-    if K.CURVATURE in entry:
-        _, replicated = pack_entry(entry)
-        replicated["state_index"] = 0
-        groups[0][GROUP_KEY] = replicated
-    output[PARAM_GROUPS] = groups
+    output[PARAM_GROUPS] = [dict(group) for group in optim_sd[BASE_OPTIMIZER_STATE][PARAM_GROUPS]]
     converter._save_checkpoint(os.path.join(args.output_folder, "zero", "optimizer_state.pt"), output)

@@ -12,8 +12,8 @@ runs are checkpointed mid-training:
 Each is converted (the W=1 heavy-ball one through the ``ds-dho2 to-universal`` command), loaded at the
 other world size into a differently initialised model, compared with the saved state (gathered over ranks)
 and trained to the end, which must match the uninterrupted run. A checkpoint converted by DeepSpeed's own
-converter is refused at load with a message naming ``ds-dho2 to-universal``; one rewritten in the nested
-form of earlier ds_dho2 versions converts and loads like the current form.
+converter is refused at load with a message naming ``ds-dho2 to-universal``; one rewritten in the saved forms
+of earlier ds_dho2 versions is refused by the converter with a message saying what to do.
 
 Three launches: W=2 saves; W=1 loads the W=2 checkpoints and saves its own; W=2 loads the W=1 ones.
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -35,7 +36,7 @@ import torch
 
 import ds_dho2  # noqa: F401 - registers "type": "DHO2" with DeepSpeed, also in every spawned rank
 from ds_dho2 import cli
-from ds_dho2 import state_keys as K
+from ds_dho2.core.state import ComponentState, replicated, sharded
 from tests.helpers import ds_setup as S
 from tests.helpers.distributed import run_ranks
 
@@ -51,21 +52,53 @@ HEAVYBALL = {"lr": 1e-2, "base": "heavyball", "rank": 3, "lanczos_order": 6, "re
                            "tolerance": 1e-12, "max_interval": 6}}
 #: name -> (DHO2 params, checkpoint step, total steps)
 CASES = {"adamw": (ADAMW, 6, 10), "heavyball": (HEAVYBALL, 10, 14)}
-COUNTERS = (K.REFRESH_COUNT, K.BASIS_VERSION, K.NEXT_REFRESH, K.INTERVAL, K.LAST_PRODUCTS_STEP,
-            K.LANCZOS_STARTED_AT, K.HVP_STRATEGY, K.NEWTON_BASIS_VERSION)
+COUNTERS = ("refresh_count", "basis_version", "next_refresh", "interval", "last_products_step", "lanczos_started_at",
+            "hvp_strategy")
 STOCK_MESSAGE = (
-    "DHO2 cannot resume from this universal checkpoint: it has no DHO2 curvature state (dho2_eigenvectors_0 and {} "
+    "DHO2 cannot resume from this universal checkpoint: it has no DHO2 curvature state (dho2_curvature_eigenvectors_0 and {} "
     "more entries are missing), which DeepSpeed's ds_to_universal drops. Convert the original DeepSpeed checkpoint "
     "with 'ds-dho2 to-universal INPUT_FOLDER OUTPUT_FOLDER' instead and load that.")
 
 
 # ------------------------------------------------------------------------------------------- workers
+@dataclasses.dataclass
+class ProbeState(ComponentState):
+    """A component the checkpoint code has never heard of: it must survive W=2 -> W=1 from this alone."""
+
+    vector: torch.Tensor | None = sharded()
+    rows: torch.Tensor | None = sharded(rows_in_use="rows_in_use")
+    note: str = replicated("")
+    counts: list = replicated(default_factory=list)
+    scale: torch.Tensor | None = replicated(None)
+
+    def rows_in_use(self) -> int:
+        return 2
+
+
+class Probe:
+    """Anything with a ``state`` declaration can be one of DHO2's components."""
+
+    def __init__(self) -> None:
+        self.state = ProbeState()
+
+
+def _fill_probe(opt: Any) -> None:
+    """Values that depend on the global element index only, so any layout knows what to expect."""
+    layout = opt.flat_parameters().layout
+    index = layout.local_slice(torch.arange(1, S.NUM_PARAMS + 1, dtype=torch.float64))
+    opt.components["probe"].state = ProbeState(
+        vector=index.clone(), rows=torch.stack([index * (i + 1) for i in range(3)]).float(), note="probe",
+        counts=[1, 2, 3], scale=torch.tensor([0.5, 2.0], dtype=torch.float64))
+
+
 def _engine(params: dict, world: int, *, universal: bool = False, stage: int = 2) -> tuple[Any, torch.nn.Module]:
     import deepspeed
 
     extra = {"checkpoint": {"load_universal": True}} if universal else {}
     model = S.LossModel(seed=123 if universal else 0)  # a loaded model must be overwritten by the checkpoint
     engine, *_ = deepspeed.initialize(model=model, config=S.ds_config(stage, params, GBS // world, **extra))
+    if stage > 0:
+        engine.basic_optimizer.components["probe"] = Probe()
     return engine, model
 
 
@@ -92,36 +125,49 @@ def _gather(local: torch.Tensor | None, world: int) -> torch.Tensor | None:
 def _snapshot(engine: Any, world: int) -> dict:
     opt = engine.basic_optimizer
     state = opt.state[opt.param_groups[0]["params"][0]]
-    curvature = state[K.CURVATURE]
-    run = curvature[K.LANCZOS]
+    curvature = opt.tracker.state
+    run = curvature.lanczos
     padding = int(engine.optimizer.groups_padding[0])
-    base_key = K.EXP_AVG if K.EXP_AVG in state else K.MOMENTUM_BUFFER
-    vectors = curvature[K.EIGENVECTORS]
+    base = opt.base.state
+    base_moment = getattr(base, "exp_avg", None)
+    if base_moment is None:
+        base_moment = base.momentum_buffer
+    vectors = curvature.eigenvectors
+    admm = opt.admm.state
+    layout = opt.flat_parameters().layout
     return {
-        "eigenvectors": _gather(vectors, world), "eigenvalues": curvature[K.EIGENVALUES].clone(),
-        "newton_momentum": curvature[K.NEWTON_MOMENTUM].clone(),
-        "admm_dual": _gather(curvature[K.ADMM_DUAL], world), "admm_anchor": _gather(curvature[K.ADMM_ANCHOR], world),
-        "base_moment": _gather(state[base_key], world),
-        "lanczos_basis": None if run is None else _gather(run["basis"], world),
-        "lanczos_dtype": None if run is None else str(run["basis"].dtype),
-        "lanczos_scalars": None if run is None else copy.deepcopy({k: v for k, v in run.items()
+        "eigenvectors": _gather(vectors, world), "eigenvalues": curvature.eigenvalues.clone(),
+        "newton_momentum": opt.newton.state.momentum.clone(),
+        "admm_dual": _gather(admm.dual, world), "admm_anchor": _gather(admm.anchor, world),
+        "base_moment": _gather(base_moment, world),
+        "lanczos_basis": None if run is None else _gather(run.basis, world),
+        "lanczos_dtype": None if run is None else str(run.basis.dtype),
+        "lanczos_scalars": None if run is None else copy.deepcopy({k: v for k, v in vars(run).items()
                                                                    if not torch.is_tensor(v)}),
-        "transition": None if curvature[K.TRANSITION] is None else curvature[K.TRANSITION].clone(),
-        "counters": {key: curvature[key] for key in COUNTERS},
-        "step": state[K.STEP], "applied_steps": float(state[K.APPLIED_STEPS]),
-        "layout": (curvature[K.WORLD_SIZE], curvature[K.PARTITION_NUMEL], curvature[K.TOTAL_NUMEL]),
+        "transition": None if curvature.transition is None else curvature.transition.clone(),
+        "counters": {**{key: getattr(curvature, key) for key in COUNTERS},
+                     "newton_basis_version": opt.newton.state.basis_version},
+        "step": opt.steps, "applied_steps": float(base.applied_steps),
+        "layout": (layout.world_size, layout.partition_numel, layout.total_numel),
         "padding": padding,
         "padding_absmax": float(vectors[:, vectors.shape[1] - padding:].abs().max()) if padding else 0.0,
         "flat_keys_left": sorted(k for k in state if str(k).startswith("dho2_")),
         "group_keys": sorted(k for k in opt.param_groups[0] if k != "params"),
         "params": S.flat_params(engine.module),
+        "probe": _probe_snapshot(opt.components["probe"].state, world),
     }
+
+
+def _probe_snapshot(probe: ProbeState, world: int) -> dict:
+    return {"vector": _gather(probe.vector, world), "rows": _gather(probe.rows, world), "note": probe.note,
+            "counts": probe.counts, "scale": probe.scale}
 
 
 def _save_runs(rank: int, world: int, root: str) -> dict:
     out = {}
     for name, (params, save_at, steps) in CASES.items():
         engine, model = _engine(params, world)
+        _fill_probe(engine.basic_optimizer)
         saved: dict = {}
 
         def at_step(step: int, engine: Any = engine, name: str = name, save_at: int = save_at,
@@ -168,7 +214,6 @@ def w1_worker(rank: int, world: int, root: str) -> dict:
         engine.load_checkpoint(os.path.join(root, "stock"), tag="step6_universal")
 
     out["stock"] = _error(stock_load)
-    out["nested"] = _load_run(rank, world, os.path.join(root, "nested"), "adamw")
     out["zero0"] = _error(lambda: _engine(ADAMW, world, universal=True, stage=0))
     out["save"] = _save_runs(rank, world, root)
     return out
@@ -187,16 +232,19 @@ def _stock_convert(source: Path, target: Path) -> None:
                                       inject_missing_state=True))
 
 
-def _to_nested_form(folder: Path) -> None:
-    """Rewrite a checkpoint's optimizer files in the nested form earlier ds_dho2 versions saved."""
-    from ds_dho2.checkpoint import GROUP_KEY, unpack_entry
+def _to_earlier_form(folder: Path, form: str) -> None:
+    """Rewrite a checkpoint's optimizer files as earlier ds_dho2 versions saved them: ``format1`` (the same
+    layout, version 1) or ``nested`` (everything in one nested ``dho2`` dict, no replicated group entry)."""
+    from ds_dho2.checkpoint import GROUP_KEY
 
     for path in folder.glob("*_optim_states.pt"):
         sd = torch.load(path, map_location="cpu", weights_only=False)
         base = sd["optimizer_state_dict"]["base_optimizer_state"]
-        replicated = base["param_groups"][0].pop(GROUP_KEY)
-        base["state"][0] = unpack_entry(base["state"][0], replicated, device=torch.device("cpu"))
-        assert K.CURVATURE in base["state"][0] and K.APPLIED_STEPS in base["state"][0]
+        if form == "format1":
+            base["param_groups"][0][GROUP_KEY]["format"] = 1
+        else:
+            base["param_groups"][0].pop(GROUP_KEY)
+            base["state"][0] = {"step": 6, "exp_avg": base["state"][0]["exp_avg"], "dho2": {"refresh_count": 2}}
         torch.save(sd, path)
 
 
@@ -220,9 +268,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
                                        extract_workers=1, merge_workers=1)
     shutil.copytree(root / "w2" / "adamw" / "step6", root / "stock" / "step6")
     _stock_convert(root / "stock" / "step6", root / "stock" / "step6_universal")
-    shutil.copytree(root / "w2" / "adamw" / "step6", root / "nested" / "step6")
-    _to_nested_form(root / "nested" / "step6")
-    to_universal(root / "nested" / "step6", root / "nested" / "step6_universal", extract_workers=1, merge_workers=1)
+    earlier = {}
+    for form in ("format1", "nested"):
+        shutil.copytree(root / "w2" / "adamw" / "step6", root / form / "step6")
+        _to_earlier_form(root / form / "step6", form)
+        earlier[form] = _error(lambda form=form: to_universal(root / form / "step6", root / form / "step6_universal",
+                                                             extract_workers=1, merge_workers=1))
     w1 = run_ranks(w1_worker, 1, str(root), timeout=300)[0]
     cli_results = {}
     for name, (_, save_at, _) in CASES.items():  # the heavy-ball one through the command, the other in-process
@@ -235,7 +286,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     w2_loaded = run_ranks(w2_load_worker, 2, str(root), timeout=300) if all(
         result.returncode == 0 for result in cli_results.values()) else None
     return {"root": root, "w2_saved": w2_saved, "w1": w1, "w2_loaded": w2_loaded, "summaries": summaries,
-            "cli": cli_results}
+            "cli": cli_results, "earlier": earlier}
 
 
 # --------------------------------------------------------------------------------------------- tests
@@ -258,6 +309,12 @@ def _check_loaded(loaded: dict, saved: dict, world: int) -> None:
         # float64 travels as two float32 halves: equal to within 2**-48 relative
         assert float((loaded["lanczos_basis"] - saved["lanczos_basis"]).abs().max()) <= 2.0 ** -46
     assert loaded["flat_keys_left"] == [] and "dho2_replicated" not in loaded["group_keys"]
+    probe, index = loaded["probe"], torch.arange(1, S.NUM_PARAMS + 1, dtype=torch.float64)
+    assert torch.equal(probe["vector"], index) and probe["vector"].dtype == torch.float64
+    assert torch.equal(probe["rows"][:2], torch.stack([index, 2 * index]).float())
+    assert probe["rows"].shape == (3, S.NUM_PARAMS) and not probe["rows"][2].any()  # only the rows in use travel
+    assert probe["note"] == "probe" and probe["counts"] == [1, 2, 3]
+    assert torch.equal(probe["scale"], torch.tensor([0.5, 2.0], dtype=torch.float64))
 
 
 def _check_direction(loads: list, saves: list, source_world: int, target_world: int) -> None:
@@ -282,11 +339,12 @@ def test_w2_checkpoint_resumes_at_w1(runs: dict) -> None:
     _check_direction([runs["w1"]["load"]], runs["w2_saved"], 2, 1)
     adamw = runs["summaries"]["adamw"]
     assert adamw["source_world_size"] == 2
-    expected = ["dho2_admm_anchor", "dho2_admm_dual"] + [f"dho2_eigenvectors_{i}" for i in range(ADAMW["rank"])]
+    expected = ["dho2_admm_anchor", "dho2_admm_dual"] + [f"dho2_curvature_eigenvectors_{i}"
+                                                         for i in range(ADAMW["rank"])]
     assert set(expected) <= set(adamw["dho2_entries"]), adamw
     heavyball = runs["summaries"]["heavyball"]
     assert "momentum_buffer" in heavyball["base_entries"] and "exp_avg" not in heavyball["base_entries"]
-    assert "dho2_lanczos_basis_0__lo" in heavyball["dho2_entries"]
+    assert "dho2_curvature_lanczos_basis_0__lo" in heavyball["dho2_entries"]
 
 
 @pytest.mark.timeout(420)
@@ -299,10 +357,13 @@ def test_w1_checkpoint_resumes_at_w2_through_the_command(runs: dict) -> None:
 
 
 @pytest.mark.timeout(420)
-def test_checkpoint_in_the_earlier_nested_form_converts(runs: dict) -> None:
-    nested, saved = runs["w1"]["nested"], runs["w2_saved"][0]["adamw"]
-    _check_loaded(nested["loaded"], saved["saved"], 1)
-    assert S.rel_err(nested["final"], saved["final"]) < 1e-6
+def test_checkpoints_in_earlier_saved_forms_are_refused_with_the_way_out(runs: dict) -> None:
+    for form in ("format1", "nested"):
+        refused = runs["earlier"][form]
+        assert refused["type"] == "UniversalConversionError", (form, refused)
+        assert refused["message"].startswith(f"DHO2 checkpoint format {1 if form == 'format1' else None!r} was written "
+                                             "by an earlier ds_dho2 and is no longer read"), refused["message"]
+        assert "load_optimizer_states=False" in refused["message"]
 
 
 @pytest.mark.timeout(420)
@@ -310,7 +371,8 @@ def test_stock_converted_checkpoint_is_refused_at_load(runs: dict) -> None:
     stock = runs["w1"]["stock"]
     assert stock["type"] == "CheckpointFormatError", stock
     # every DHO2 entry of the checkpoint is missing: the eigenvectors first, then the ADMM entries
-    assert stock["message"] == STOCK_MESSAGE.format(len(runs["summaries"]["adamw"]["dho2_entries"]) - 1)
+    entries = [e for e in runs["summaries"]["adamw"]["dho2_entries"] if not e.endswith("__lo")]  # halves of one
+    assert stock["message"] == STOCK_MESSAGE.format(len(entries) - 1)
     assert "load_checkpoint" in stock["traceback"]  # raised by the load itself, not by a later step
 
 

@@ -84,8 +84,8 @@ def _part(out: dict, name: str, fn: Callable[[], Any]) -> None:
     out.setdefault("seconds", {})[name] = round(time.perf_counter() - started, 2)
 
 
-def _dho2_state(opt: Any) -> dict:
-    return opt.state[opt.param_groups[0]["params"][0]]
+def _curvature(opt: Any) -> Any:
+    return opt.tracker.state
 
 
 def _train(engine: Any, rank: int, world: int, data: list, *, gas: int = 1, scale_at: dict | None = None,
@@ -118,7 +118,7 @@ def _summary(engine: Any, model: torch.nn.Module) -> dict:
         "eigvec_shape": tuple(vectors.shape), "partition_numel": partition.numel(), "padding": padding,
         "valid_numel": valid, "padding_eigvec_absmax": float(vectors[:, valid:].abs().max()) if padding else 0.0,
         "basic": type(opt).__name__, "wrapper": type(zero).__name__,
-        "refresh_count": _dho2_state(opt)["dho2"]["refresh_count"],
+        "refresh_count": _curvature(opt).refresh_count,
     }
 
 
@@ -234,8 +234,7 @@ def _fp16_run(rank: int, world: int) -> dict:
     record = []
 
     def on_step(step: int) -> None:
-        state = _dho2_state(opt)
-        record.append({"dho2_step": state["step"], "refresh_count": state["dho2"]["refresh_count"],
+        record.append({"dho2_step": opt.steps, "refresh_count": _curvature(opt).refresh_count,
                        "scale": float(engine.optimizer.cur_scale), "skipped": int(engine.skipped_steps),
                        "finite": bool(torch.isfinite(S.flat_params(model)).all())})
 
@@ -259,20 +258,20 @@ def _checkpoint_runs(rank: int, world: int, ckpt_dir: str) -> dict:
         def save(step: int, engine: Any = engine, path: str = path, saved: dict = saved, at: int = at) -> None:
             if step == at:
                 engine.save_checkpoint(path, tag=f"step{step}")
-                curvature = _dho2_state(engine.basic_optimizer)["dho2"]
-                saved.update(refresh_count=curvature["refresh_count"], in_flight=curvature["lanczos"] is not None)
+                curvature = _curvature(engine.basic_optimizer)
+                saved.update(refresh_count=curvature.refresh_count, in_flight=curvature.lanczos is not None)
 
         _train(engine, rank, world, data, save=save)
         full = S.flat_params(model)
         resumed_model = S.LossModel(seed=123)  # different init: the checkpoint must overwrite it
         resumed, *_ = deepspeed.initialize(model=resumed_model, config=S.ds_config(2, params, GBS // world))
         resumed.load_checkpoint(path, tag=f"step{at}")
-        curvature = _dho2_state(resumed.basic_optimizer)["dho2"]
-        loaded = {"refresh_count": curvature["refresh_count"], "in_flight": curvature["lanczos"] is not None,
-                  "dho2_step": _dho2_state(resumed.basic_optimizer)["step"], "global_steps": resumed.global_steps}
+        curvature = _curvature(resumed.basic_optimizer)
+        loaded = {"refresh_count": curvature.refresh_count, "in_flight": curvature.lanczos is not None,
+                  "dho2_step": resumed.basic_optimizer.steps, "global_steps": resumed.global_steps}
         _train(resumed, rank, world, data, start=at)
         out[name] = {"full": full, "resumed": S.flat_params(resumed_model), "saved": saved, "loaded": loaded,
-                     "final_refresh_count": _dho2_state(resumed.basic_optimizer)["dho2"]["refresh_count"]}
+                     "final_refresh_count": _curvature(resumed.basic_optimizer).refresh_count}
     # ZeRO-0 checkpoint for the W=1 resume
     data = S.batches(ZERO0_STEPS, GBS, seed=5)
     model = S.LossModel()
@@ -535,8 +534,12 @@ def w1(w2: dict) -> dict:
 @pytest.mark.timeout(480)
 def test_w2_zero2_checkpoint_at_w1_fails_clearly(w1: dict) -> None:
     part = _ok(w1["zero2"])
-    assert part["type"] == "ZeRORuntimeException", part
-    assert "new world size is not currently supported" in part["message"]
+    assert part["type"] == "CheckpointFormatError", part
+    assert part["message"] == (
+        "DHO2 cannot load this checkpoint at world size 1: it was saved at world size 2, and its optimizer state "
+        "(base moments and curvature) is partitioned per rank. Convert it with 'ds-dho2 to-universal INPUT_FOLDER "
+        "OUTPUT_FOLDER' and load the result with \"checkpoint\": {\"load_universal\": true}, or resume at world "
+        "size 2.")
 
 
 @pytest.mark.timeout(480)

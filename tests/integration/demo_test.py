@@ -1,4 +1,4 @@
-"""The README's main job (``python -m ds_dho2.demo``): its verdict arithmetic, and a short real race."""
+"""The README's main job (``python -m benchmarks.demo``): its verdict arithmetic, and a short real race."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ds_dho2 import demo
+from benchmarks import demo
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,7 +43,7 @@ def test_time_ratio_is_step_ratio_times_cost_ratio_and_the_verdict_names_the_win
 
 @pytest.mark.timeout(600)
 def test_demo_races_both_optimizers_on_two_processes_and_writes_the_plot(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "ds_dho2.demo", "--task", "digits", "--steps", "60",
+    done = subprocess.run([sys.executable, "-m", "benchmarks.demo", "--task", "digits", "--steps", "60",
                            "--output-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=580)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2-process DeepSpeed ZeRO-2" in done.stdout

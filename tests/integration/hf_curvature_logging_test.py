@@ -311,28 +311,43 @@ def test_curvature_log_entries_are_numeric_and_include_the_measured_hvp_cost() -
 
 
 # ------------------------------------------------------------------------------------------ logging
-def test_import_configures_the_library_logger_once_and_patches_trainer_lazily() -> None:
-    """One stderr handler, no propagation, the level from DS_DHO2_LOG_LEVEL (the default, info, is what
-    shows the refresh lines in the launches above); transformers' Trainer is patched when first imported."""
+def test_import_leaves_logging_to_the_application_and_patches_trainer_lazily() -> None:
+    """``import ds_dho2`` adds only a NullHandler: the root logger and the handlers an application gave the
+    ``ds_dho2`` logger stay as they were, records propagate, and a standard ``setLevel`` silences them.
+    The command line's own set-up (one stderr handler at DS_DHO2_LOG_LEVEL) is opt-in. transformers'
+    Trainer is patched when first imported."""
     program = (
         "import logging, sys\n"
+        "root_handler = logging.StreamHandler(sys.stdout)\n"
+        "root_handler.setFormatter(logging.Formatter('root: %(message)s'))\n"
+        "logging.basicConfig(level=logging.INFO, handlers=[root_handler])\n"
+        "app_handler = logging.StreamHandler(sys.stderr)\n"
+        "logging.getLogger('ds_dho2').addHandler(app_handler)\n"
+        "before = (list(logging.getLogger().handlers), logging.getLogger().level)\n"
         "import ds_dho2\n"
-        "from ds_dho2.logging_utils import configure_library_logger\n"
-        "configure_library_logger()\n"
         "library = logging.getLogger('ds_dho2')\n"
-        "print('handlers', len(library.handlers), 'propagate', library.propagate, 'level', library.level)\n"
+        "print('root unchanged', (list(logging.getLogger().handlers), logging.getLogger().level) == before)\n"
+        "print('handlers', [type(h).__name__ for h in library.handlers], 'propagate', library.propagate)\n"
         "print('trainer imported', 'transformers.trainer' in sys.modules)\n"
         "from transformers import Trainer\n"
         "print('patched', getattr(Trainer.__init__, '_ds_dho2_curvature_callback', False))\n"
-        "logging.getLogger('ds_dho2.somewhere').warning('visible at warning')\n"
-        "logging.getLogger('ds_dho2.somewhere').info('hidden at info')\n")
+        "logging.getLogger('ds_dho2.somewhere').info('shown at info')\n"
+        "library.setLevel(logging.WARNING)\n"
+        "logging.getLogger('ds_dho2.somewhere').info('silenced')\n"
+        "from ds_dho2.logging_utils import configure_cli_logging\n"
+        "configure_cli_logging(); configure_cli_logging()\n"
+        "print('cli handlers', len([h for h in library.handlers if getattr(h, '_ds_dho2_cli', False)]), "
+        "'level', library.level)\n")
     env = launch_env(DS_DHO2_LOG_LEVEL="Warning")
     proc = subprocess.run([sys.executable, "-c", program], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.splitlines() == [f"handlers 1 propagate False level {logging.WARNING}",
-                                        "trainer imported False", "patched True"]
-    assert "visible at warning\n" in proc.stderr and "hidden at info" not in proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if not line.startswith("root: ") or "shown" in line
+             or "silenced" in line]
+    assert lines == ["root unchanged True", "handlers ['StreamHandler', 'NullHandler'] propagate True",
+                     "trainer imported False", "patched True", "root: shown at info",
+                     f"cli handlers 1 level {logging.WARNING}"]
+    assert "shown at info" in proc.stderr and "silenced" not in proc.stderr + proc.stdout
 
 
 def test_log_level_variable(monkeypatch, caplog) -> None:

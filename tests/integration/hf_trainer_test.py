@@ -130,7 +130,7 @@ def test_plain_trainer_default_param_groups_with_optimizer_cls_and_kwargs(tmp_pa
     dho2 = find_dho2(trainer.optimizer)
     assert isinstance(dho2, DHO2) and callback.optimizer is dho2
     assert dho2.model is model  # attached by the callback
-    assert not dho2._uniform_weight_decay  # decay and no-decay groups were merged with per-element decay
+    assert not dho2.weight_decay.uniform  # decay and no-decay groups were merged with per-element decay
     stats = dho2.curvature_stats()
     assert stats["refresh_count"] >= 2 and len(stats["eigenvalues"]) == 2
     history = trainer.state.log_history

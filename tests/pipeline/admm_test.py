@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from ds_dho2 import DHO2
-from ds_dho2.core.admm import admm_window_end
 from ds_dho2.dist import LocalCommunicator
 from tests.helpers.distributed import run_ranks
 
@@ -88,27 +87,40 @@ def test_hybrid_update_sees_dual_augmented_gradient() -> None:
     assert coupled.eigenvalues is not None
 
 
+def _coupling(x: torch.Tensor, dual: torch.Tensor, anchor: torch.Tensor, **admm: float) -> tuple:
+    """DHO2's ADMM coupling (jump mode) on a plain parameter ``x``, with its dual and anchor given."""
+    from ds_dho2.config import DHO2Config
+    from ds_dho2.dist.flat import SeparateParameters
+    from ds_dho2.dist.layout import ShardLayout
+    from ds_dho2.update.admm import ADMMCoupling
+
+    param = torch.nn.Parameter(x)
+    coupling = ADMMCoupling(DHO2Config(admm={"enabled": True, "extrapolation": "jump", **admm}))
+    coupling.state.dual, coupling.state.anchor = dual, anchor
+    return coupling, param, SeparateParameters(ShardLayout.unsharded([param]))
+
+
 def test_safeguard_caps_extrapolation_with_global_norm() -> None:
-    x = torch.ones(10, dtype=torch.float64)
-    anchor = torch.zeros(10, dtype=torch.float64)
-    dual = torch.zeros(10, dtype=torch.float64)
-    result = admm_window_end(x, dual, anchor, rho=1e-3, max_extrapolation_ratio=0.05, comm=LocalCommunicator())
+    dual, anchor = torch.zeros(10, dtype=torch.float64), torch.zeros(10, dtype=torch.float64)
+    coupling, x, flat = _coupling(torch.ones(10, dtype=torch.float64), dual, anchor, rho=1e-3,
+                                  max_extrapolation_ratio=0.05)
+    coupling.window_end(flat, LocalCommunicator(), None)
     # Uncapped: y/rho = x - z = 1 everywhere, ||y/rho|| = ||x||; the cap allows 0.05 ||x||.
-    assert result.scale == pytest.approx(0.05)
-    assert result.extrapolation_norm == pytest.approx(0.05 * math.sqrt(10))
-    torch.testing.assert_close(x, torch.full((10,), 1.05, dtype=torch.float64))
-    torch.testing.assert_close(anchor, x)
-    torch.testing.assert_close(dual / 1e-3, torch.full((10,), 0.05, dtype=torch.float64))
+    assert coupling.stats["admm_safeguard_scale"] == pytest.approx(0.05)
+    assert coupling.stats["admm_extrapolation_norm"] == pytest.approx(0.05 * math.sqrt(10))
+    torch.testing.assert_close(x.detach(), torch.full((10,), 1.05, dtype=torch.float64))
+    torch.testing.assert_close(coupling.state.anchor, x.detach())
+    torch.testing.assert_close(coupling.state.dual / 1e-3, torch.full((10,), 0.05, dtype=torch.float64))
 
 
 def test_non_finite_extrapolation_is_skipped() -> None:
-    x = torch.ones(4, dtype=torch.float64)
     dual = torch.tensor([float("inf"), 0.0, 0.0, 0.0], dtype=torch.float64)
-    anchor = torch.zeros(4, dtype=torch.float64)
-    result = admm_window_end(x, dual, anchor, rho=1.0, max_extrapolation_ratio=0.1, comm=LocalCommunicator())
-    assert result.skipped
-    assert torch.isfinite(x).all() and torch.equal(x, torch.ones(4, dtype=torch.float64))
-    assert torch.equal(dual, torch.zeros(4, dtype=torch.float64))
+    coupling, x, flat = _coupling(torch.ones(4, dtype=torch.float64), dual, torch.zeros(4, dtype=torch.float64),
+                                  rho=1.0, max_extrapolation_ratio=0.1)
+    coupling.window_end(flat, LocalCommunicator(), None)
+    assert coupling.stats["admm_accepted"] == 0.0
+    assert torch.equal(x.detach(), torch.ones(4, dtype=torch.float64))
+    assert torch.equal(coupling.state.dual, torch.zeros(4, dtype=torch.float64))
 
 
 def _train(ratio: float, steps: int = 200) -> tuple[list[float], DHO2]:
@@ -267,7 +279,7 @@ def _zero2_admm_worker(rank: int, world_size: int, steps: int, batch: int, extra
     stats = engine.basic_optimizer.curvature_stats()
     return {"params": [p.detach().clone() for p in model.parameters()], "scale": stats["admm_safeguard_scale"],
             "acceptance": stats["admm_acceptance_rate"],
-            "dual_numel": engine.basic_optimizer.state[engine.basic_optimizer.param_groups[0]["params"][0]]["dho2"]["admm_dual"].numel()}
+            "dual_numel": engine.basic_optimizer.admm.state.dual.numel()}
 
 
 @pytest.mark.distributed

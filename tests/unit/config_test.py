@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
+import pydantic
 import pytest
 import torch
 
-from ds_dho2 import DHO2, ADMMConfig, ConfigError, DHO2Config
+from ds_dho2 import DHO2, ADMMConfig, ConfigError, CurvatureConfig, DHO2Config
 
 INVALID = [
     # (overrides, key named in the message)
@@ -69,7 +69,7 @@ UNKNOWN = [
 
 
 def _allowed(cls: type) -> str:
-    names = sorted(f.name for f in dataclasses.fields(cls))
+    names = sorted(cls.model_fields)
     assert {"lr", "rank", "admm"} <= set(names) or {"enabled", "rho", "window"} <= set(names)
     return ", ".join(names)
 
@@ -169,3 +169,69 @@ def test_interleaved_schedule_too_slow_raises():
     # Fast enough: 32 iterations at 4 per step take 8 <= 10 steps.
     DHO2([param], rank=8, lanczos_order=32, refresh_interval=10,
          curvature={"mode": "interleaved", "iterations_per_step": 4})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"rank": 0}, "Invalid DHO2 config value rank=0. Must be an integer >= 1."),
+    ({"curvature": {"mode": "async"}},
+     "Invalid DHO2 config value curvature.mode='async'. Must be one of 'blocking', 'interleaved'."),
+    ({"admm": {"beta": 1, "gamma": 2}}, "Unknown DHO2 config keys in 'admm': 'beta', 'gamma'. Allowed keys: "
+     f"{_allowed(ADMMConfig)}."),
+    ({"learning_rate": 1}, "Unknown DHO2 config key: 'learning_rate'. Allowed keys: "
+     f"{_allowed(DHO2Config)}."),
+])
+def test_direct_construction_raises_config_error_not_pydantic(overrides, message):
+    for build in (lambda: DHO2Config(**overrides), lambda: DHO2Config.model_validate(overrides)):
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}$") as error:
+            build()
+        assert not isinstance(error.value, pydantic.ValidationError)
+        assert error.value.__cause__ is None and error.value.__suppress_context__
+    with pytest.raises(ConfigError, match=re.escape("Invalid DHO2 config value curvature.mode='x'.")):
+        CurvatureConfig(mode="x")
+
+
+def test_unknown_keys_are_reported_before_values_and_values_in_field_order():
+    with pytest.raises(ConfigError, match=r"^Unknown DHO2 config key in 'admm': 'beta'\."):
+        DHO2Config.from_dict({"rank": 0, "admm": {"beta": 1, "rho": 0.0}})
+    with pytest.raises(ConfigError, match=r"^Unknown DHO2 config key: 'zz'\."):
+        DHO2Config.from_dict({"zz": 1, "admm": {"beta": 1}})
+    with pytest.raises(ConfigError, match=r"^Invalid DHO2 config value momentum=1\.0\."):
+        DHO2Config.from_dict({"seed": -1, "rank": 0, "momentum": 1.0})
+
+
+def test_interleaved_schedule_checked_by_the_config():
+    message = ("Invalid interleaved curvature schedule: lanczos_order=32 at curvature.iterations_per_step=1 "
+               "takes 32 steps, more than refresh_interval=10. "
+               "Raise iterations_per_step or refresh_interval.")
+    params = {"rank": 8, "lanczos_order": 32, "refresh_interval": 10,
+              "curvature": {"mode": "interleaved", "iterations_per_step": 1}}
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        DHO2Config.from_dict(params)
+    # ceil(32 / 3) = 11 steps do not fit either; 32 at 4 per step take 8 <= 10; blocking mode has no limit.
+    with pytest.raises(ConfigError, match="takes 11 steps"):
+        DHO2Config.from_dict({**params, "curvature": {"mode": "interleaved", "iterations_per_step": 3}})
+    assert DHO2Config.from_dict({**params, "curvature": {"mode": "interleaved", "iterations_per_step": 4}})
+    assert DHO2Config.from_dict({**params, "curvature": {"mode": "blocking", "iterations_per_step": 1}})
+
+
+def test_config_is_frozen_and_hashable():
+    config = DHO2Config(rank=3)
+    for change in (lambda: setattr(config, "rank", 5), lambda: delattr(config, "lr"),
+                   lambda: setattr(config.curvature, "mode", "interleaved")):
+        with pytest.raises(AttributeError, match="frozen"):
+            change()
+    assert config.rank == 3 and config.curvature.mode.value == "blocking" and config.lr == 1e-3
+    assert hash(config) == hash(DHO2Config(rank=3)) and len({config, DHO2Config(rank=3), DHO2Config()}) == 2
+    assert config.betas == (0.9, 0.999) and all(type(b) is float for b in DHO2Config(betas=[0, 0.5]).betas)
+
+
+def test_json_schema_exposes_the_constraints():
+    schema = DHO2Config.model_json_schema()
+    fields = schema["properties"]
+    assert fields["rank"]["minimum"] == 1 and fields["rank"]["type"] == "integer"
+    assert fields["momentum"]["minimum"] == 0 and fields["momentum"]["exclusiveMaximum"] == 1
+    assert fields["eps"]["exclusiveMinimum"] == 0
+    assert fields["lanczos_dtype"]["enum"] == ["float64", "float32"]
+    assert schema["additionalProperties"] is False
+    admm = schema["$defs"]["ADMMConfig"]
+    assert admm["additionalProperties"] is False and admm["properties"]["rho"]["exclusiveMinimum"] == 0

@@ -1,4 +1,4 @@
-"""The hybrid step against a hand-written reference (DESIGN.md section 1), AdamW equivalence before the first
+"""The hybrid step against a hand-written reference (docs/design.md, "The step"), AdamW equivalence before the first
 refresh, and checkpoint round trips."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from ds_dho2 import DHO2
 
-# newton_max_ratio so large that the trust region never triggers: checks the bare DESIGN.md formula.
+# newton_max_ratio so large that the trust region never triggers: checks the bare formula of docs/design.md, "The step".
 EXACT_FORMULA = 1e30
 #: an exact, complete Lanczos run: float64 basis, exact products, no early convergence stop
 EXACT_LANCZOS = {"lanczos_dtype": "float64", "hvp": "reverse", "curvature": {"tolerance": 1e-12}}
@@ -38,7 +38,7 @@ class Quadratic(torch.nn.Module):
 def _reference_steps(model: Quadratic, *, steps: int, rank: int, base: str, lr_at, reference_lr: float,
                      betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, momentum=0.9, alpha=0.1,
                      newton_momentum=0.9, lr_clip=None) -> torch.Tensor:
-    """DESIGN.md section 1 written out directly, with the exact top-``rank`` eigenpairs (refresh at step 1)."""
+    """docs/design.md, "The step", written out directly, with the exact top-``rank`` eigenpairs (refresh at step 1)."""
     order = torch.argsort(model.eigenvalues.abs(), descending=True)[:rank]
     lam, V = model.eigenvalues[order], model.eigenvectors[order]
     lr_clip = (1.0 if base == "adamw" else 3.0) if lr_clip is None else lr_clip
@@ -84,7 +84,7 @@ def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, sched
     ("adamw", 0.1, True), ("heavyball", 0.0, True),
 ])
 def test_three_hybrid_steps_match_reference(base, weight_decay, scheduled):
-    """The DESIGN.md formula exactly; the Newton trust region (a safeguard outside it) is disabled."""
+    """The formula of docs/design.md, "The step", exactly; the Newton trust region (a safeguard outside it) is disabled."""
     model = Quadratic(EIGENVALUES)
     lr = 0.01
     opt = DHO2(model.parameters(), lr=lr, weight_decay=weight_decay, base=base, rank=3, lanczos_order=P,

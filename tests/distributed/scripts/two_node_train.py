@@ -32,7 +32,7 @@ def main() -> None:
         engine.step()
     flat = S.flat_params(model).double()
     opt = engine.basic_optimizer
-    refreshes = opt.state[opt.param_groups[0]["params"][0]]["dho2"]["refresh_count"]
+    refreshes = opt.tracker.state.refresh_count
     print(f"CHECKSUM rank={rank} world={world} refreshes={refreshes} optimizer={type(opt).__name__} "
           f"value={float(flat.sum())!r}/{float(flat.abs().sum())!r}", flush=True)
 

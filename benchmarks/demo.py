@@ -1,6 +1,6 @@
 """The main demo: DHO2 and AdamW side by side in one multi-process DeepSpeed run, timed the same way.
 
-``python -m ds_dho2.demo`` (``bash scripts/run_demo.sh``) starts ``--nproc`` gloo ranks (CPU) with a
+``python -m benchmarks.demo`` (``bash scripts/run_demo.sh``) starts ``--nproc`` gloo ranks (CPU) with a
 DeepSpeed ZeRO-2 engine per optimizer -- DeepSpeed's own AdamW (``torch_adam``) and DHO2 with its library
 defaults -- built from the same initial weights and trained on the same batches in a lockstep race (the
 convergence benchmark's ``benchmarks/race.py``): at every step each engine takes its step in turn, so both
@@ -9,8 +9,8 @@ seconds DHO2 needed to reach AdamW's final validation loss, and the split time r
 ratio, says plainly which one won, and writes ``loss_vs_seconds.png`` and ``summary.json`` to
 ``--output-dir`` (default ``outputs/demo``).
 
-It needs the source checkout (``benchmarks/`` next to ``ds_dho2/``) and the shared data in
-``../shared/data`` (or ``$DS_DHO2_DATA_DIR``).
+It runs from the source checkout (it uses the benchmark suite's tasks and race) and reads the shared data
+in ``../shared/data`` (or ``$DS_DHO2_DATA_DIR``).
 """
 
 from __future__ import annotations
@@ -136,23 +136,22 @@ def plot(result: dict, summary: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ds_dho2.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=sorted(DEMO_TASKS), default="charlm")
     parser.add_argument("--steps", type=int, default=None, help="step budget (default: the task's)")
     parser.add_argument("--nproc", type=int, default=2, help="data-parallel ranks (processes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default=str(REPO_ROOT / "outputs" / "demo"))
     args = parser.parse_args(argv)
-    if not (REPO_ROOT / "benchmarks" / "race.py").is_file():
-        print(f"benchmarks/ not found next to {REPO_ROOT / 'ds_dho2'}: run the demo from a source checkout",
-              file=sys.stderr)
-        return 2
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
     for key, value in (("DS_ACCELERATOR", "cpu"), ("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"),
                        ("TOKENIZERS_PARALLELISM", "false"), ("OMP_NUM_THREADS", "1")):
         os.environ.setdefault(key, value)
     from ds_dho2.dist.local_ranks import run_ranks
+    from ds_dho2.logging_utils import configure_cli_logging
+
+    configure_cli_logging()
 
     config = DEMO_TASKS[args.task]
     steps = args.steps or config["steps"]
