@@ -239,7 +239,7 @@ class DHO2(torch.optim.Optimizer):
             newton = self.newton.coefficients(basis, split, keep, group, self.tracker.transition)
             finish = hybrid.finish_update(direction, basis, newton, comm, base_scale=self.base.scale(basis),
                                           newton_max_ratio=self.config.newton_max_ratio,
-                                          total_numel=flat.layout.total_numel)
+                                          total_numel=flat.layout.total_numel, active=split.active)
             stats.update(subspace_grad_fraction=(split.coefficients, split.grad_sq), newton_trust_scale=finish)
         self.admm.add_pending(direction, keep)
         flat.apply(direction, group["lr"], self.weight_decay.value(group, flat.layout, dtype, direction.device), keep)

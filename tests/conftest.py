@@ -20,3 +20,6 @@ def _ds_dho2_records_reach_caplog():
     previous, library.propagate = library.propagate, True
     yield
     library.propagate = previous
+    for handler in [h for h in library.handlers if getattr(h, "_ds_dho2_cli", False)]:
+        library.removeHandler(handler)  # its stream was pytest's capture of that test
+    library.propagate = True

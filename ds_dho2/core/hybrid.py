@@ -5,8 +5,15 @@ Every reduction of k numbers goes through the communicator, so the sharded step 
 The functions here never read a value on the host: flags, norms and statistics stay 0-dim tensors on the
 parameters' device, and each step needs two all-reduces of k + 1 numbers.
 
-The step passes over ``V`` four times: ``V g``, ``g - V^T c``, ``V d`` and one fused
-``d - V^T (V d + n)`` that removes the base step's subspace component and adds the Newton step.
+The step passes over ``V`` four times: ``V g``, ``g - V^T c``, ``V d`` and ``V^T (V d + n)``, which removes
+the base step's subspace component and adds the Newton step.
+
+Coordinates whose gradient is exactly zero (an unused parameter, the embedding row of a token absent from
+the batch, a frozen parameter, ZeRO's padding) are left out of the subspace parts: their complement is
+zero and the update there is the base step alone. The loss of this step does not depend on them, so the
+exact eigenvectors of its Hessian have no component there; what ``V`` holds on them is Lanczos residue
+(the random start vector) or curvature of another batch, and would move them by about the learning rate
+every step (the Adam normalisation of a tiny complement) where the base optimizer leaves them alone.
 """
 
 from __future__ import annotations
@@ -39,18 +46,21 @@ class Basis:
 @dataclasses.dataclass
 class Split:
     """A gradient split by the basis: coefficients ``c = V g``, complement ``g - V^T c``, the all-reduced
-    ``||g||^2`` and a 0/1 flag: some rank's gradient is non-finite."""
+    ``||g||^2``, a 0/1 flag (some rank's gradient or coefficient is non-finite) and, with a basis, the
+    coordinates with a non-zero gradient (``active``)."""
 
     coefficients: torch.Tensor
     complement: torch.Tensor
     grad_sq: torch.Tensor
     nonfinite: torch.Tensor
+    active: torch.Tensor | None = None
 
 
 def split_gradient(grad: torch.Tensor, basis: Basis | None, comm: Communicator) -> Split:
-    """Steps 1-2: ``c = sum_r V_r g_r`` and ``g2 = g - V^T c`` with one all-reduce of k + 1 numbers, which
-    also carries ``||g||^2``: it is non-finite exactly when some rank's gradient has an inf or NaN (or
-    overflows when squared), so no separate pass looks for them (``nonfinite`` is then 1)."""
+    """Steps 1-2: ``c = sum_r V_r g_r`` and ``g2 = g - V^T c`` (zero where ``g`` is) with one all-reduce of
+    k + 1 numbers, which also carries ``||g||^2``: it is non-finite exactly when some rank's gradient has an
+    inf or NaN (or overflows when squared), and a coefficient is non-finite when the basis is, so no
+    separate pass looks for them (``nonfinite`` is then 1)."""
     grad_sq = torch.dot(grad, grad).reshape(1)
     if basis is None:
         grad_sq = comm.all_reduce(grad_sq)[0]
@@ -59,9 +69,10 @@ def split_gradient(grad: torch.Tensor, basis: Basis | None, comm: Communicator) 
     vectors = basis.vectors.to(grad.dtype) if basis.vectors.dtype != grad.dtype else basis.vectors
     partial = comm.all_reduce(torch.cat([vectors @ grad, grad_sq]))
     coefficients, grad_sq = partial[:-1], partial[-1]
-    complement = torch.addmv(grad, vectors.t(), coefficients, alpha=-1)
+    active = grad != 0
+    complement = torch.addmv(grad, vectors.t(), coefficients, alpha=-1).mul_(active)
     return Split(coefficients=coefficients, complement=complement, grad_sq=grad_sq,
-                 nonfinite=(~torch.isfinite(grad_sq)).to(grad.dtype))
+                 nonfinite=(~torch.isfinite(partial).all()).to(grad.dtype), active=active)
 
 
 def update_newton_momentum(momentum: torch.Tensor, coefficients: torch.Tensor, beta: float, adam_type: bool,
@@ -94,7 +105,8 @@ def trust_scale(finish: Finish) -> float:
 
 
 def finish_update(direction: torch.Tensor, basis: Basis, newton_coefficients: torch.Tensor, comm: Communicator, *,
-                  base_scale: torch.Tensor | float, newton_max_ratio: float, total_numel: int) -> Finish:
+                  base_scale: torch.Tensor | float, newton_max_ratio: float, total_numel: int,
+                  active: torch.Tensor | None = None) -> Finish:
     """Steps 4-7 in place: ``d <- s * (d - V^T V d) - V^T n``, the whole update of this step, where ``d``
     is the base step and ``n`` (k coefficients) the Newton step ``alpha * u / |lambda|``.
 
@@ -103,7 +115,8 @@ def finish_update(direction: torch.Tensor, basis: Basis, newton_coefficients: to
     learning rate. So no subspace direction moves much further than the base optimizer moves any
     parameter: an eigenvalue underestimated on a small or already memorised batch (``|lambda| -> 0``) cannot
     turn ``u / |lambda|`` into a jump, while the sharp directions keep their short Newton steps. A
-    non-finite Newton step is replaced by zero (the base step still applies).
+    non-finite Newton step is replaced by zero (the base step still applies). Where ``active`` is False
+    (a zero gradient) the subspace parts are left out: the update there is the base step alone.
     """
     vectors = basis.vectors.to(direction.dtype) if basis.vectors.dtype != direction.dtype else basis.vectors
     partial = comm.all_reduce(torch.cat([vectors @ direction, torch.dot(direction, direction).reshape(1)]))
@@ -115,5 +128,8 @@ def finish_update(direction: torch.Tensor, basis: Basis, newton_coefficients: to
     if not isinstance(base_scale, float) or base_scale != 1.0:
         direction.mul_(base_scale)
         in_subspace = in_subspace * base_scale
-    direction.addmv_(vectors.t(), in_subspace + clipped, alpha=-1)
+    correction = vectors.t() @ (in_subspace + clipped)
+    if active is not None:
+        correction.mul_(active)
+    direction.sub_(correction)
     return Finish(requested=newton, applied=clipped)

@@ -32,7 +32,7 @@ from ds_dho2.curvature.schedule import RefreshSchedule
 from ds_dho2.dist.comm import Communicator, LocalCommunicator
 from ds_dho2.dist.layout import ShardLayout
 from ds_dho2.hvp.capture import LossNotFoundError
-from ds_dho2.hvp.selection import ProductInputs, StrategyChooser, StrategyUnavailable
+from ds_dho2.hvp.selection import NonFiniteProducts, ProductInputs, StrategyChooser, StrategyUnavailable
 from ds_dho2.logging_utils import log_on_main_rank
 
 logger = logging.getLogger(__name__)
@@ -211,6 +211,13 @@ class CurvatureTracker:
                     break
         except (LossNotFoundError, StrategyUnavailable):
             raise
+        except NonFiniteProducts:
+            log_on_main_rank(logger, logging.WARNING, "DHO2 skipped the curvature refresh at step %d: this batch "
+                             "gave inf/NaN Hessian-vector products (a non-finite loss?). Keeping the previous "
+                             "curvature; the next step tries again.", step)
+            self._end_run(step)
+            self.state.next_refresh = step + 1
+            return False
         except Exception as error:  # noqa: BLE001 - a failed refresh must not lose the curvature we have
             log_on_main_rank(logger, logging.WARNING, "DHO2 curvature refresh failed at step %d (%s: %s); keeping "
                              "the previous curvature.", step, type(error).__name__, error)
@@ -230,6 +237,8 @@ class CurvatureTracker:
         warm = cfg.curvature.warm_start and state.eigenvectors is not None
         if warm:
             start = warm_start_vector(state.eigenvectors, start, cfg.curvature.warm_start_noise, self.shard_comm)
+        if not all(p.requires_grad for p in layout.params):  # frozen parameters: no curvature there
+            start.mul_(layout.per_element([float(p.requires_grad) for p in layout.params], start.dtype, start.device))
         self.stats["warm_start"] = bool(warm)
         order = min(cfg.lanczos_order, layout.total_numel)
         return LanczosRun.start(start, order, self.shard_comm, rank=cfg.rank, tolerance=cfg.curvature.tolerance,

@@ -7,7 +7,9 @@ and it lives here instead of in branches across the optimizer:
   (one tensor, possibly ending in padding); ``x`` *is* that tensor, and ZeRO copies it into the module's
   parameters after ``step()``;
 * :class:`SeparateParameters` -- plain PyTorch and ZeRO stage 0: the module's own parameters, read into
-  one flat gradient buffer and updated through views of the flat update.
+  one flat gradient buffer and updated through views of the flat update. A parameter whose ``.grad`` is
+  None at a step (frozen, or unused by the loss) is not touched by it, weight decay included, as
+  ``torch.optim.AdamW`` leaves it.
 """
 
 from __future__ import annotations
@@ -118,6 +120,7 @@ class SeparateParameters(FlatParameters):
         self._grad_views: list[torch.Tensor] = []
         self._update_buffer: torch.Tensor | None = None
         self._update_views: list[torch.Tensor] = []
+        self._with_grad: list[int] | None = None  # None: every parameter had a gradient at this step
 
     @property
     def params(self) -> tuple[torch.Tensor, ...]:
@@ -139,9 +142,11 @@ class SeparateParameters(FlatParameters):
             self._grad_buffer = torch.empty(self.numel, dtype=self.dtype, device=self.device)
             self._grad_views = views(self._grad_buffer, self.params)
         if any(g is None for g in grads):
+            self._with_grad = [i for i, g in enumerate(grads) if g is not None]
             for view, g in zip(self._grad_views, grads):
                 view.zero_() if g is None else view.copy_(g)
         else:
+            self._with_grad = None
             torch._foreach_copy_(self._grad_views, grads)  # one call; casts where dtypes differ
         return self._grad_buffer
 
@@ -153,9 +158,14 @@ class SeparateParameters(FlatParameters):
         params = list(self.params)
         if isinstance(weight_decay, torch.Tensor):
             update = update - (lr * weight_decay * keep) * self.values()
-        elif weight_decay != 0:
-            torch._foreach_mul_(params, 1 - lr * weight_decay * keep)
         update_views = self._views_of(update)
+        if self._with_grad is not None:
+            params = [params[i] for i in self._with_grad]
+            update_views = [update_views[i] for i in self._with_grad]
+            if not params:
+                return
+        if not isinstance(weight_decay, torch.Tensor) and weight_decay != 0:
+            torch._foreach_mul_(params, 1 - lr * weight_decay * keep)
         if update_views[0].dtype != params[0].dtype:
             update_views = [v.to(p.dtype) for v, p in zip(update_views, params)]
         torch._foreach_add_(params, update_views)

@@ -22,7 +22,7 @@ from ds_dho2.config import HVPMethod
 from ds_dho2.dist.comm import Communicator, LocalCommunicator
 from ds_dho2.hvp.capture import LossNotFoundError
 from ds_dho2.hvp.strategies import (FiniteDifference, ForwardOverReverse, GradientGraph, ProductSession,
-                                    ReverseOverReverse, hvp_context)
+                                    ReverseOverReverse, TrainableOnly, hvp_context)
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,11 @@ _REPLAY_CLASSES = {HVPMethod.FINITE_DIFFERENCE: FiniteDifference, HVPMethod.REVE
 
 class NoStrategyWorks(RuntimeError):
     """Every candidate strategy failed on this step's inputs."""
+
+
+class NonFiniteProducts(RuntimeError):
+    """Every candidate gave inf/NaN products on this step's batch (a non-finite loss): this batch says
+    nothing about which strategy works, so the choice waits for another batch."""
 
 
 class StrategyUnavailable(RuntimeError):
@@ -61,19 +66,26 @@ class ProductInputs:
 
 
 def open_session(method: HVPMethod, inputs: ProductInputs) -> ProductSession:
-    """Open a products session of ``method`` on ``inputs``."""
+    """Open a products session of ``method`` on ``inputs`` (over the parameters that require gradients)."""
     if method is HVPMethod.GRAPH:
         if inputs.graph_loss is None:
             raise StrategyUnavailable(
                 "hvp='graph' needs the training loss from engine.backward(loss); this step's loss did not go "
                 "through a DeepSpeed engine bound to DHO2. Call engine.backward(loss), or set hvp to 'auto'.")
-        return GradientGraph(inputs.graph_loss, inputs.params, inputs.graph_scale)
-    if inputs.replay is None:
+
+        def open_inner(params: Sequence[torch.Tensor]) -> ProductSession:
+            return GradientGraph(inputs.graph_loss, params, inputs.graph_scale)
+    elif inputs.replay is None:
         raise StrategyUnavailable(
             f"hvp={method.value!r} replays the captured batch, but the model output carries no loss and no "
             "loss_fn was given. Return the loss from forward, pass attach(model, loss_fn=...), or train "
             "through engine.backward(loss) with hvp 'auto' or 'graph'.")
-    return _REPLAY_CLASSES[method](inputs.model, inputs.params, inputs.replay)
+    else:
+        def open_inner(params: Sequence[torch.Tensor]) -> ProductSession:
+            return _REPLAY_CLASSES[method](inputs.model, params, inputs.replay)
+    if all(p.requires_grad for p in inputs.params):
+        return open_inner(inputs.params)
+    return TrainableOnly(open_inner, inputs.params)
 
 
 def _probe(params: Sequence[torch.Tensor], seed: int) -> list[torch.Tensor]:
@@ -98,7 +110,8 @@ def _gradient_seconds(inputs: ProductInputs) -> float | None:
 
     def gradient() -> None:
         with hvp_context(inputs.model):
-            torch.autograd.grad(inputs.full_replay(), list(inputs.params), allow_unused=True)
+            torch.autograd.grad(inputs.full_replay(), [p for p in inputs.params if p.requires_grad],
+                                allow_unused=True)
 
     gradient()  # warm-up
     return min(_seconds(gradient)[1] for _ in range(2))
@@ -178,6 +191,7 @@ class StrategyChooser:
         return dropped
 
     def _choose(self, inputs: ProductInputs, expected_products: int, comm: Communicator) -> ProductSession:
+        """Open every available strategy on this batch, time it, keep the cheapest that agrees."""
         candidates = inputs.available()
         if not candidates:
             raise LossNotFoundError(
@@ -185,68 +199,117 @@ class StrategyChooser:
                 "and the loss did not pass through engine.backward. Return the loss from forward, call "
                 "attach(model, loss_fn=...), or train through a DeepSpeed engine.")
         probe = _probe(inputs.params, self.seed)
-        measured: dict[HVPMethod, dict[str, Any]] = {}
-        sessions: dict[HVPMethod, ProductSession] = {}
-        products: dict[HVPMethod, torch.Tensor] = {}
-        opened: dict[HVPMethod, float] = {}
+        trial = _Trial(inputs, probe)
         for method in candidates:
-            try:
-                session, opened[method] = _seconds(lambda method=method: open_session(method, inputs))
-                products[method] = _flat(session(probe))  # warm-up, and the product compared below
-            except LossNotFoundError:
-                raise
-            except Exception as error:  # noqa: BLE001 - any failure means "not available for this model"
-                measured[method] = {"available": False, "error": f"{type(error).__name__}: {error}"[:300]}
-                logger.info("DHO2: hvp strategy %s unavailable for this model: %s", method.value, error)
-                continue
-            sessions[method] = session
-        # Round-robin timing: every strategy is timed in each round, so a burst of load on a shared machine
-        # affects them alike; the fastest round counts.
-        seconds: dict[HVPMethod, list[float]] = {method: [] for method in sessions}
-        for _ in range(_ROUNDS):
-            for method, session in sessions.items():
-                product, elapsed = _seconds(lambda session=session: session(probe))
-                seconds[method].append(elapsed)
-                flat = _flat(product)
-                if not torch.isfinite(flat).all() or not torch.allclose(
-                        products[method], flat, rtol=1e-3, atol=1e-6 * (float(flat.abs().max()) + 1e-30)):
-                    measured[method] = {"available": False, "error": "non-finite or non-repeatable products"}
-        for method in list(sessions):
-            if method in measured:
-                sessions.pop(method).close()
-                continue
-            cost = opened[method] / expected_products + min(seconds[method])
-            measured[method] = {"available": True, "seconds_per_product": cost}
-        for method in self._disagreeing(products, sessions, measured, inputs):
-            measured[method]["available"] = False
-            sessions.pop(method).close()
-        order = list(HVPMethod)
-        costs = torch.tensor([measured[m]["seconds_per_product"] if m in sessions else float("inf") for m in order],
-                             dtype=torch.float64, device=inputs.params[0].device)
-        costs = comm.all_reduce(costs).cpu()  # the same choice on every rank
-        usable = {m: float(c) for m, c in zip(order, costs) if m in sessions and torch.isfinite(c)}
-        for method in list(sessions):
-            if method not in usable:
-                measured[method].update(available=False, error="unavailable on another rank")
+            trial.open(method)
+        trial.time_rounds()
+        trial.settle(expected_products, self._disagreeing)
+        usable = trial.agree_across_ranks(comm)
         if not usable:
-            reasons = "; ".join(f"{m.value}: {info.get('error')}" for m, info in measured.items())
+            if trial.any_nonfinite(comm):
+                trial.close_all()
+                raise NonFiniteProducts("every Hessian-vector product on this batch was inf or NaN")
+            reasons = "; ".join(f"{m.value}: {info.get('error')}" for m, info in trial.measured.items())
             raise NoStrategyWorks(f"No Hessian-vector product strategy works for this model ({reasons}).")
         chosen = min(usable, key=usable.get)
-        unit = _gradient_seconds(inputs)
-        for method, info in measured.items():
+        self._report(trial, chosen, _gradient_seconds(inputs))
+        return trial.keep_only(chosen)
+
+    def _report(self, trial: "_Trial", chosen: HVPMethod, unit: float | None) -> None:
+        for info in trial.measured.values():
             if unit and info.get("available"):
                 info["gradients_per_product"] = info["seconds_per_product"] / unit
-        for method, session in sessions.items():
-            if method is not chosen:
-                session.close()
-        del products
         self.resolved = chosen
         self.report = {"chosen": chosen.value, "gradient_seconds": unit,
-                       "candidates": {m.value: info for m, info in measured.items()}}
+                       "candidates": {m.value: info for m, info in trial.measured.items()}}
         summary = ", ".join(
             f"{m.value} {info['gradients_per_product']:.2f}" if "gradients_per_product" in info else
             f"{m.value} {info['seconds_per_product'] * 1e3:.1f} ms" if info.get("available") else
-            f"{m.value} unavailable" for m, info in measured.items())
+            f"{m.value} unavailable" for m, info in trial.measured.items())
         logger.info("DHO2 hvp 'auto' chose %s (cost per product%s: %s).", chosen.value,
                     " in gradients" if unit else "", summary)
-        return sessions[chosen]
+
+
+class _Trial:
+    """The candidates of one measurement: their sessions, first products, timings and verdicts."""
+
+    def __init__(self, inputs: ProductInputs, probe: list[torch.Tensor]) -> None:
+        self.inputs, self.probe = inputs, probe
+        self.measured: dict[HVPMethod, dict[str, Any]] = {}
+        self.sessions: dict[HVPMethod, ProductSession] = {}
+        self.products: dict[HVPMethod, torch.Tensor] = {}
+        self.opened: dict[HVPMethod, float] = {}
+        self.seconds: dict[HVPMethod, list[float]] = {}
+
+    def open(self, method: HVPMethod) -> None:
+        """Open ``method``'s session and take its first product (a warm-up, compared below)."""
+        try:
+            session, self.opened[method] = _seconds(lambda: open_session(method, self.inputs))
+            product = _flat(session(self.probe))
+        except LossNotFoundError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any failure means "not available for this model"
+            self.measured[method] = {"available": False, "error": f"{type(error).__name__}: {error}"[:300]}
+            logger.info("DHO2: hvp strategy %s unavailable for this model: %s", method.value, error)
+            return
+        if not bool(torch.isfinite(product).all()):
+            session.close()
+            self.measured[method] = {"available": False, "error": "non-finite products", "nonfinite": True}
+            return
+        self.sessions[method], self.products[method] = session, product
+
+    def time_rounds(self) -> None:
+        """Round-robin timing: every strategy is timed in each round, so a burst of load on a shared machine
+        affects them alike; the fastest round counts."""
+        self.seconds = {method: [] for method in self.sessions}
+        for _ in range(_ROUNDS):
+            for method, session in self.sessions.items():
+                product, elapsed = _seconds(lambda session=session: session(self.probe))
+                self.seconds[method].append(elapsed)
+                flat = _flat(product)
+                if not torch.isfinite(flat).all() or not torch.allclose(
+                        self.products[method], flat, rtol=1e-3, atol=1e-6 * (float(flat.abs().max()) + 1e-30)):
+                    self.measured[method] = {"available": False, "error": "non-finite or non-repeatable products"}
+
+    def settle(self, expected_products: int, disagreeing: Callable[..., list[HVPMethod]]) -> None:
+        """Costs of the strategies that worked; drop the repeatable-but-wrong ones."""
+        for method in list(self.sessions):
+            if method in self.measured:
+                self.sessions.pop(method).close()
+                continue
+            cost = self.opened[method] / expected_products + min(self.seconds[method])
+            self.measured[method] = {"available": True, "seconds_per_product": cost}
+        for method in disagreeing(self.products, self.sessions, self.measured, self.inputs):
+            self.measured[method]["available"] = False
+            self.sessions.pop(method).close()
+
+    def agree_across_ranks(self, comm: Communicator) -> dict[HVPMethod, float]:
+        """The strategies usable on every rank, with their summed costs (the same choice everywhere)."""
+        order = list(HVPMethod)
+        costs = torch.tensor([self.measured[m]["seconds_per_product"] if m in self.sessions else float("inf")
+                              for m in order], dtype=torch.float64, device=self.inputs.params[0].device)
+        costs = comm.all_reduce(costs).cpu()
+        usable = {m: float(c) for m, c in zip(order, costs) if m in self.sessions and torch.isfinite(c)}
+        for method in list(self.sessions):
+            if method not in usable:
+                self.measured[method].update(available=False, error="unavailable on another rank")
+                self.sessions.pop(method).close()
+        return usable
+
+    def any_nonfinite(self, comm: Communicator) -> bool:
+        """Whether some rank saw non-finite products (a bad batch: no strategy was judged on its merits)."""
+        mine = any(info.get("nonfinite") for info in self.measured.values())
+        flag = torch.tensor([float(mine)], dtype=torch.float64, device=self.inputs.params[0].device)
+        return bool(comm.all_reduce(flag)[0] > 0)
+
+    def close_all(self) -> None:
+        for session in self.sessions.values():
+            session.close()
+        self.sessions.clear()
+
+    def keep_only(self, chosen: HVPMethod) -> ProductSession:
+        for method, session in self.sessions.items():
+            if method is not chosen:
+                session.close()
+        self.products.clear()
+        return self.sessions[chosen]

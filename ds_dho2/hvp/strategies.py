@@ -141,6 +141,26 @@ class ReverseOverReverse(GradientGraph):
             super().__init__(closure(), params)
 
 
+class TrainableOnly:
+    """A session over the parameters that require gradients; the products are zero on the frozen ones
+    (a frozen parameter is a constant of the loss, so its rows of the Hessian are not the optimizer's)."""
+
+    def __init__(self, open_inner: Callable[[Sequence[torch.Tensor]], ProductSession],
+                 params: Sequence[torch.Tensor]) -> None:
+        self.params = list(params)
+        self._trainable = [i for i, p in enumerate(self.params) if p.requires_grad]
+        self._inner = open_inner([self.params[i] for i in self._trainable])
+
+    def __call__(self, vectors: Vectors) -> list[torch.Tensor]:
+        out = [torch.zeros_like(p) for p in self.params]
+        for i, product in zip(self._trainable, self._inner([vectors[i] for i in self._trainable])):
+            out[i] = product
+        return out
+
+    def close(self) -> None:
+        self._inner.close()
+
+
 def loss_at(model: torch.nn.Module, params: Sequence[torch.Tensor], closure: LossClosure,
             shifts: Vectors | None = None) -> torch.Tensor:
     """The closure's loss (dropout off, no graph) with ``params + shifts`` in place of ``params``; the

@@ -31,7 +31,7 @@ import functools
 import json
 import logging
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -69,49 +69,58 @@ def register() -> None:
     torch.optim.DHO2 = DHO2  # type: ignore[attr-defined]
     if DHO2 not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
         zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(DHO2)
-    read_name = ds_config.get_optimizer_name
-    if not getattr(read_name, _WRAPPED_MARKER, False):
+    _wrap_once(ds_config, "get_optimizer_name", _name_in_any_case)
+    _wrap_once(DeepSpeedEngine, "_configure_optimizer", _checked_and_bound)
+    _wrap_once(DeepSpeedEngine, "load_checkpoint", _adopting_load)
 
-        @functools.wraps(read_name)
-        def get_optimizer_name(param_dict: Any) -> Any:
-            name = read_name(param_dict)
-            return OPTIMIZER_NAME if isinstance(name, str) and name.upper() == OPTIMIZER_NAME else name
 
-        setattr(get_optimizer_name, _WRAPPED_MARKER, True)
-        ds_config.get_optimizer_name = get_optimizer_name
-    original = DeepSpeedEngine._configure_optimizer
-    if not getattr(original, _WRAPPED_MARKER, False):
+def _wrap_once(owner: Any, name: str, wrap: Callable[[Callable], Callable]) -> None:
+    """Replace ``owner.name`` by ``wrap(original)``, unless it is already DHO2's wrapper."""
+    original = getattr(owner, name)
+    if getattr(original, _WRAPPED_MARKER, False):
+        return
+    wrapped = functools.wraps(original)(wrap(original))
+    setattr(wrapped, _WRAPPED_MARKER, True)
+    setattr(owner, name, wrapped)
 
-        @functools.wraps(original)
-        def configure_optimizer(engine: Any, client_optimizer: Any, model_parameters: Any) -> None:
-            uses_dho2 = isinstance(client_optimizer, DHO2) or (
-                client_optimizer is None and engine.optimizer_name() == OPTIMIZER_NAME)
-            if uses_dho2:
-                check_engine_config(engine)
-            original(engine, client_optimizer, model_parameters)
-            if isinstance(engine.basic_optimizer, DHO2):
-                bind_engine(engine)
 
-        setattr(configure_optimizer, _WRAPPED_MARKER, True)
-        DeepSpeedEngine._configure_optimizer = configure_optimizer
-    load = DeepSpeedEngine.load_checkpoint
-    if not getattr(load, _WRAPPED_MARKER, False):
+def _name_in_any_case(read_name: Callable) -> Callable:
+    def get_optimizer_name(param_dict: Any) -> Any:
+        name = read_name(param_dict)
+        return OPTIMIZER_NAME if isinstance(name, str) and name.upper() == OPTIMIZER_NAME else name
 
-        @functools.wraps(load)
-        def load_checkpoint(engine: Any, *args: Any, **kwargs: Any) -> Any:
-            try:
-                result = load(engine, *args, **kwargs)
-            except Exception as error:  # noqa: BLE001 - re-raised, with the way out when it is a W mismatch
-                mismatch = _world_size_mismatch(engine, error)
-                if mismatch is None:
-                    raise
-                raise CheckpointFormatError(world_size_message(*mismatch)) from error
-            if isinstance(getattr(engine, "basic_optimizer", None), DHO2) and result and result[0] is not None:
-                adopt_loaded_checkpoint(engine)
-            return result
+    return get_optimizer_name
 
-        setattr(load_checkpoint, _WRAPPED_MARKER, True)
-        DeepSpeedEngine.load_checkpoint = load_checkpoint
+
+def _checked_and_bound(configure: Callable) -> Callable:
+    """``_configure_optimizer`` that refuses unsupported set-ups first and binds DHO2 after."""
+    def configure_optimizer(engine: Any, client_optimizer: Any, model_parameters: Any) -> None:
+        uses_dho2 = isinstance(client_optimizer, DHO2) or (
+            client_optimizer is None and engine.optimizer_name() == OPTIMIZER_NAME)
+        if uses_dho2:
+            check_engine_config(engine)
+        configure(engine, client_optimizer, model_parameters)
+        if isinstance(engine.basic_optimizer, DHO2):
+            bind_engine(engine)
+
+    return configure_optimizer
+
+
+def _adopting_load(load: Callable) -> Callable:
+    """``load_checkpoint`` that adopts DHO2's universal state and names the converter on a W mismatch."""
+    def load_checkpoint(engine: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            result = load(engine, *args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - re-raised, with the way out when it is a W mismatch
+            mismatch = _world_size_mismatch(engine, error)
+            if mismatch is None:
+                raise
+            raise CheckpointFormatError(world_size_message(*mismatch)) from error
+        if isinstance(getattr(engine, "basic_optimizer", None), DHO2) and result and result[0] is not None:
+            adopt_loaded_checkpoint(engine)
+        return result
+
+    return load_checkpoint
 
 
 def _world_size_mismatch(engine: Any, error: Exception) -> tuple[int, int] | None:
@@ -232,19 +241,16 @@ def route_backward_loss(engine: Any, optimizer: DHO2) -> None:
 def count_skipped_steps(zero_optimizer: Any, optimizer: DHO2) -> None:
     """Wrap this ZeRO optimizer's ``step`` so DHO2 counts the steps ZeRO skips on inf/NaN gradients (it
     never calls DHO2 then), and ``max_nonfinite_steps`` stops a run whose gradients never recover."""
-    original = zero_optimizer.step
-    if getattr(original, _WRAPPED_MARKER, False):
-        return
+    def counting(step: Callable) -> Callable:
+        def counted_step(*args: Any, **kwargs: Any) -> Any:
+            result = step(*args, **kwargs)
+            if zero_optimizer.overflow:
+                optimizer.engine_skipped_step()
+            return result
 
-    @functools.wraps(original)
-    def step(*args: Any, **kwargs: Any) -> Any:
-        result = original(*args, **kwargs)
-        if zero_optimizer.overflow:
-            optimizer.engine_skipped_step()
-        return result
+        return counted_step
 
-    setattr(step, _WRAPPED_MARKER, True)
-    zero_optimizer.step = step
+    _wrap_once(zero_optimizer, "step", counting)
 
 
 def _bypass_output_hooks(engine: Any) -> dict[str, bool]:

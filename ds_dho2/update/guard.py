@@ -57,7 +57,8 @@ class NonFiniteGuard:
         self._report(step)
 
     def engine_skipped(self, step: int) -> None:
-        """DeepSpeed skipped a step (inf/NaN gradients) without calling DHO2; stop after ``limit`` in a row."""
+        """DeepSpeed skipped a step (inf/NaN gradients) without calling DHO2 (``step``: the steps DHO2 took);
+        stop after ``limit`` in a row."""
         state = self.state
         if state.streak is None:
             return
@@ -66,7 +67,7 @@ class NonFiniteGuard:
         state.skipped.add_(1)
         self._engine_streak += 1
         if self._engine_streak % self.limit == 0:
-            self._report(step)
+            self._report(step + self._engine_streak)
 
     def _report(self, step: int) -> None:
         state = self.state

@@ -35,6 +35,7 @@ def main() -> None:
     refreshes = opt.tracker.state.refresh_count
     print(f"CHECKSUM rank={rank} world={world} refreshes={refreshes} optimizer={type(opt).__name__} "
           f"value={float(flat.sum())!r}/{float(flat.abs().sum())!r}", flush=True)
+    torch.distributed.destroy_process_group()  # an interpreter-exit teardown of gloo can abort a rank
 
 
 if __name__ == "__main__":
