@@ -26,8 +26,8 @@ from ds_dho2.core.state import ComponentState
 from ds_dho2.curvature.route import LossRoute
 from ds_dho2.curvature.tracker import CurvatureTracker
 from ds_dho2.dist.comm import Communicator, LocalCommunicator
-from ds_dho2.dist.flat import FlatParameters, PartitionParameters, SeparateParameters
-from ds_dho2.dist.layout import ShardLayout
+from ds_dho2.dist.flat import FlatParameters, ParameterPartitions, PartitionParameters, SeparateParameters
+from ds_dho2.dist.layout import ParameterShardLayout, ShardLayout
 from ds_dho2.hvp.capture import LossFn
 from ds_dho2.param_groups import WeightDecay, check_parameters, merge_param_groups
 from ds_dho2.update.admm import ADMMCoupling
@@ -54,7 +54,7 @@ class DHO2(torch.optim.Optimizer):
             options["lr"] = lr
         config = DHO2Config(**options)
         groups = merge_param_groups(params, config.weight_decay)
-        config = _rank_within(config, sum(p.numel() for p in groups.params))
+        config = _rank_within(config, sum(getattr(p, "ds_numel", p.numel()) for p in groups.params))
         self.config = config
         defaults = dict(lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
                         alpha=config.alpha, momentum=config.momentum, newton_momentum=config.newton_momentum,
@@ -96,10 +96,21 @@ class DHO2(torch.optim.Optimizer):
         self.route.attach(model, loss_fn)
         return self
 
-    def bind_partition(self, layout: ShardLayout, comm: Communicator) -> None:
-        """Use a rank's flat partition (DeepSpeed ZeRO-1/2): ``param_groups[0]['params']`` is that
-        partition, ``layout`` maps it to the module's parameters and ``comm`` is the data-parallel group."""
-        self._flat = PartitionParameters(layout, self.param_groups[0]["params"][0])
+    def bind_partition(self, layout: ShardLayout | ParameterShardLayout, comm: Communicator,
+                       partition: torch.Tensor | None = None,
+                       release_after_backward: Callable[[], None] | None = None) -> None:
+        """Use a rank's flat partition (DeepSpeed ZeRO): ``partition`` (default ``param_groups[0]['params'][0]``,
+        ZeRO-1/2's fp32 partition; ZeRO-3 passes its sub-group's, which it puts in the group only during
+        ``step()``), ``layout`` maps it to the module's parameters and ``comm`` is the data-parallel group;
+        ``release_after_backward`` (ZeRO-3) releases the layers a products backward left gathered."""
+        partition = self.param_groups[0]["params"][0] if partition is None else partition
+        if isinstance(layout, ParameterShardLayout):
+            self._flat = ParameterPartitions(layout, partition)
+            self.route.products_in_step_only = True
+            if release_after_backward is not None:
+                self.route.release_after_backward = release_after_backward
+        else:
+            self._flat = PartitionParameters(layout, partition)
         self._comm = self._batch_comm = comm
         self.weight_decay.invalidate()  # the per-element vector is rebuilt for the partition
         self.tracker.bind(layout, comm, comm)
@@ -262,7 +273,7 @@ class DHO2(torch.optim.Optimizer):
     def _mirror_torch_state(self) -> None:
         """``optimizer.state[x]`` shows the base moments under their usual names (the same tensors), for
         tools that read an optimizer's state the torch way (DeepSpeed's ``safe_get_full_optimizer_state``)."""
-        self.state[self.param_groups[0]["params"][0]] = self.base.torch_entries()
+        self.state[self.flat_parameters().state_key] = self.base.torch_entries()
 
     # ------------------------------------------------------------------------------------ checkpoints
     def component_states(self) -> dict[str, ComponentState]:
@@ -302,9 +313,8 @@ class DHO2(torch.optim.Optimizer):
         form (a checkpoint converted by DeepSpeed's own ds_to_universal) raises
         :class:`~ds_dho2.checkpoint.CheckpointFormatError` naming ``ds-dho2 to-universal``."""
         group = self.param_groups[0]
-        key = group["params"][0]
         replicated = group.pop(checkpoint.GROUP_KEY, None)
-        entry = dict(self.state.get(key) or {})
+        entry = dict(self.state.get(self.flat_parameters().state_key) or {})
         if replicated is None:
             if universal and checkpoint.STEP_KEY in entry:
                 raise checkpoint.CheckpointFormatError(checkpoint.missing_state_message(

@@ -11,6 +11,7 @@ import torch
 from ds_dho2.core.lanczos import MatVec
 from ds_dho2.dist.comm import Communicator
 from ds_dho2.dist.layout import ShardLayout
+from ds_dho2.hvp.partitioned import LocalProducts
 from ds_dho2.hvp.strategies import ProductSession
 
 
@@ -21,8 +22,11 @@ def hessian_operator(session: ProductSession, layout: ShardLayout, shard_comm: C
     ``shard_comm`` joins the partitions of the vector (all-gather); ``batch_comm`` averages the products
     of the ranks' own micro-batches. Under ZeRO both are the data-parallel group and the average is a
     reduce-scatter; with replicated parameters (ZeRO stage 0) the vector is whole on every rank
-    (``shard_comm`` is local) and the products are all-reduced.
+    (``shard_comm`` is local) and the products are all-reduced. A ZeRO-3 session
+    (:class:`~ds_dho2.hvp.partitioned.LocalProducts`) maps slices to slices itself.
     """
+    if isinstance(session, LocalProducts):  # ZeRO-3: the session itself works on this rank's slices
+        return session.local_product
     params = layout.params
     batch_comm = shard_comm if batch_comm is None else batch_comm
 
@@ -41,14 +45,8 @@ def hessian_operator(session: ProductSession, layout: ShardLayout, shard_comm: C
 
 
 def random_start_vector(layout: ShardLayout, seed: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """This rank's slice of a Gaussian vector over the full (unpadded) parameter space.
-
-    Drawn identically on every rank from ``seed`` (on the CPU, so every device and world size draws the
-    same numbers), so a sharded run starts where the unsharded run does.
-    """
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    full = torch.randn(layout.total_numel, generator=generator, dtype=torch.float32).to(dtype)
-    return layout.local_slice(full).to(device)
+    """This rank's slice of a Gaussian start vector, the same at every world size (``layout.start_vector``)."""
+    return layout.start_vector(seed, dtype, device)
 
 
 def warm_start_vector(eigenvectors: torch.Tensor, random: torch.Tensor, noise: float,

@@ -16,7 +16,9 @@ import torch
 
 from ds_dho2.config import DHO2Config, HVPMethod
 from ds_dho2.curvature.tracker import CurvatureTracker
+from ds_dho2.dist.layout import ParameterShardLayout
 from ds_dho2.hvp.capture import BatchCapture, LossFn, LossNotFoundError
+from ds_dho2.hvp.partitioned import Partitions, shifted_partitions
 from ds_dho2.hvp.selection import ProductInputs
 from ds_dho2.hvp.strategies import loss_at
 
@@ -34,6 +36,9 @@ class LossRoute:
         self.engine_backward = False  # an engine hands DHO2 the loss of engine.backward
         self.saw_engine_loss = False
         self.is_boundary: Callable[[], bool] = lambda: True
+        #: ZeRO-3: products run in ``step()`` on the partitions, never on the graph of engine.backward
+        self.products_in_step_only = False
+        self.release_after_backward: Callable[[], None] = lambda: None
         self._warned: set[str] = set()
 
     # ---------------------------------------------------------------------------------------- wiring
@@ -52,7 +57,7 @@ class LossRoute:
     # -------------------------------------------------------------------------------------- products
     def graph_products_due(self) -> bool:
         """Whether the next training forward must build a graph that supports products (math attention)."""
-        if not self.engine_backward or not self.config.curvature.enabled:
+        if not self.engine_backward or not self.config.curvature.enabled or self.products_in_step_only:
             return False
         if self.tracker.chooser.resolved not in (None, HVPMethod.GRAPH) or not self.is_boundary():
             return False
@@ -62,7 +67,7 @@ class LossRoute:
         """The engine's ``backward(loss)``: on a boundary micro-batch of a step due for products, run them
         on this loss's graph (``scale``: see ``ds_dho2.curvature.loss_scale``)."""
         self.saw_engine_loss = True
-        if not self.config.curvature.enabled or not self.is_boundary():
+        if not self.config.curvature.enabled or not self.is_boundary() or self.products_in_step_only:
             return
         step = self.next_step()
         if not self.tracker.wants_products(step):
@@ -76,7 +81,7 @@ class LossRoute:
             self._check()
         if not self.tracker.wants_products(step):
             return
-        if self.engine_backward and self.saw_engine_loss:
+        if self.engine_backward and self.saw_engine_loss and not self.products_in_step_only:
             self._warn_once("late_products", "DHO2 took curvature products in step() by replaying the batch: the "
                             "last engine.backward was not on an accumulation boundary.")
         self.advance(step, self.product_inputs)
@@ -100,11 +105,13 @@ class LossRoute:
             full = capture.replay_closure(1.0)
         if replay is None and graph_loss is None:
             return None
-        return ProductInputs(model=None if capture is None else capture.model, params=list(self._params()),
+        layout = self.tracker.require_layout()
+        if isinstance(layout, ParameterShardLayout):
+            partitions = Partitions(layout, self.tracker.shard_comm, self.release_after_backward)
+            return ProductInputs(model=capture.model, params=list(layout.params), replay=replay, full_replay=full,
+                                 partitions=partitions)
+        return ProductInputs(model=None if capture is None else capture.model, params=list(layout.params),
                              replay=replay, full_replay=full, graph_loss=graph_loss, graph_scale=graph_scale)
-
-    def _params(self) -> tuple[torch.Tensor, ...]:
-        return self.tracker.require_layout().params
 
     # ------------------------------------------------------------------------------------------ ADMM
     def loss_evaluator(self) -> Callable[[torch.Tensor | None], float] | None:
@@ -119,11 +126,15 @@ class LossRoute:
 
         def evaluate(shift: torch.Tensor | None) -> float:
             layout = tracker.require_layout()
-            shifts = None
-            if shift is not None:
-                shifts = layout.unflatten(tracker.shard_comm.all_gather(shift)[: layout.total_numel])
-            loss = loss_at(capture.model, layout.params, replay, shifts).double().reshape(1)
-            return float(tracker.batch_comm.all_reduce_mean(loss))
+            if isinstance(layout, ParameterShardLayout):  # ZeRO-3: shift the partitions themselves
+                with torch.no_grad(), shifted_partitions(layout, shift, tracker.shard_comm):
+                    loss = loss_at(capture.model, layout.params, replay)
+            else:
+                shifts = None
+                if shift is not None:
+                    shifts = layout.unflatten(tracker.shard_comm.all_gather(shift)[: layout.total_numel])
+                loss = loss_at(capture.model, layout.params, replay, shifts)
+            return float(tracker.batch_comm.all_reduce_mean(loss.double().reshape(1)))
 
         return evaluate
 

@@ -5,7 +5,8 @@ and it lives here instead of in branches across the optimizer:
 
 * :class:`PartitionParameters` -- DeepSpeed ZeRO-1/2 hands the optimizer this rank's flat fp32 partition
   (one tensor, possibly ending in padding); ``x`` *is* that tensor, and ZeRO copies it into the module's
-  parameters after ``step()``;
+  parameters after ``step()``; :class:`ParameterPartitions` is the same for ZeRO-3, whose module
+  parameters are partitioned too (each rank holds its slices in ``param.ds_tensor``);
 * :class:`SeparateParameters` -- plain PyTorch and ZeRO stage 0: the module's own parameters, read into
   one flat gradient buffer and updated through views of the flat update. A parameter whose ``.grad`` is
   None at a step (frozen, or unused by the loss) is not touched by it, weight decay included, as
@@ -19,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from ds_dho2.dist.layout import ShardLayout
+from ds_dho2.dist.layout import ParameterShardLayout, ShardLayout
 
 
 def views(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -46,6 +47,11 @@ class FlatParameters(abc.ABC):
     @abc.abstractmethod
     def dtype(self) -> torch.dtype:
         """The dtype of ``x`` and of the optimizer's sharded state (at least float32)."""
+
+    @property
+    @abc.abstractmethod
+    def state_key(self) -> torch.Tensor:
+        """The tensor under which ``optimizer.state`` keeps this vector's state, the torch way."""
 
     @abc.abstractmethod
     def gradient(self) -> torch.Tensor | None:
@@ -88,6 +94,10 @@ class PartitionParameters(FlatParameters):
     def dtype(self) -> torch.dtype:
         return torch.promote_types(self.partition.dtype, torch.float32)
 
+    @property
+    def state_key(self) -> torch.Tensor:
+        return self.partition
+
     def gradient(self) -> torch.Tensor | None:
         grad = self.partition.grad
         return None if grad is None else grad.data
@@ -109,6 +119,17 @@ class PartitionParameters(FlatParameters):
     def pending_module_update(self, x: torch.Tensor) -> torch.Tensor | None:
         module = self.layout.flatten([p.detach() for p in self.layout.params], dtype=x.dtype)
         return x - self.layout.local_slice(module)
+
+
+class ParameterPartitions(PartitionParameters):
+    """ZeRO-3: the fp32 partition of this rank's parameter slices (one sub-group), laid out by a
+    :class:`~ds_dho2.dist.layout.ParameterShardLayout`; the module's own values are the ``ds_tensor`` slices."""
+
+    layout: ParameterShardLayout
+
+    def pending_module_update(self, x: torch.Tensor) -> torch.Tensor | None:
+        module = torch.cat([p.ds_tensor.detach().reshape(-1).to(x.dtype) for p in self.layout.params])
+        return x - module
 
 
 class SeparateParameters(FlatParameters):
@@ -133,6 +154,10 @@ class SeparateParameters(FlatParameters):
     @property
     def dtype(self) -> torch.dtype:
         return torch.promote_types(self.params[0].dtype, torch.float32)
+
+    @property
+    def state_key(self) -> torch.Tensor:
+        return self.params[0]
 
     def gradient(self) -> torch.Tensor | None:
         grads = [p.grad for p in self.params]
@@ -184,4 +209,4 @@ class SeparateParameters(FlatParameters):
         return None
 
 
-__all__ = ["FlatParameters", "PartitionParameters", "SeparateParameters", "views"]
+__all__ = ["FlatParameters", "ParameterPartitions", "PartitionParameters", "SeparateParameters", "views"]

@@ -21,6 +21,7 @@ import torch
 from ds_dho2.config import HVPMethod
 from ds_dho2.dist.comm import Communicator, LocalCommunicator
 from ds_dho2.hvp.capture import LossNotFoundError
+from ds_dho2.hvp.partitioned import PartitionedFiniteDifference, Partitions
 from ds_dho2.hvp.strategies import (FiniteDifference, ForwardOverReverse, GradientGraph, ProductSession,
                                     ReverseOverReverse, TrainableOnly, hvp_context)
 
@@ -59,8 +60,12 @@ class ProductInputs:
     full_replay: Callable[[], torch.Tensor] | None = None
     graph_loss: torch.Tensor | None = None
     graph_scale: float = 1.0
+    #: ZeRO-3: the parameters' partitions (finite differences only)
+    partitions: Partitions | None = None
 
     def available(self) -> list[HVPMethod]:
+        if self.partitions is not None:
+            return [HVPMethod.FINITE_DIFFERENCE] if self.replay is not None else []
         methods = list(_REPLAY) if self.replay is not None else []
         return methods + ([HVPMethod.GRAPH] if self.graph_loss is not None else [])
 
@@ -80,6 +85,11 @@ def open_session(method: HVPMethod, inputs: ProductInputs) -> ProductSession:
             f"hvp={method.value!r} replays the captured batch, but the model output carries no loss and no "
             "loss_fn was given. Return the loss from forward, pass attach(model, loss_fn=...), or train "
             "through engine.backward(loss) with hvp 'auto' or 'graph'.")
+    elif inputs.partitions is not None:
+        if method is not HVPMethod.FINITE_DIFFERENCE:
+            raise StrategyUnavailable(f"hvp={method.value!r} needs each rank's full parameters; under ZeRO-3 DHO2 "
+                                      "takes products by finite differences (hvp 'auto' or 'finite_difference').")
+        return PartitionedFiniteDifference(inputs.model, inputs.partitions, inputs.replay)
     else:
         def open_inner(params: Sequence[torch.Tensor]) -> ProductSession:
             return _REPLAY_CLASSES[method](inputs.model, params, inputs.replay)

@@ -37,14 +37,15 @@ import torch
 
 from ds_dho2.checkpoint import CheckpointFormatError, is_flat_key, world_size_message
 from ds_dho2.dist.comm import TorchDistCommunicator
-from ds_dho2.dist.layout import ShardLayout
+from ds_dho2.config import HVPMethod
+from ds_dho2.dist.layout import ParameterShardLayout, ShardLayout
 from ds_dho2.integrations import patch_points
 from ds_dho2.optimizer import DHO2
 
 logger = logging.getLogger(__name__)
 
 OPTIMIZER_NAME = "DHO2"
-SUPPORTED = "DHO2 supports ZeRO stages 0 (fp32), 1 and 2 (fp32 and bf16) without optimizer offload."
+SUPPORTED = "DHO2 supports ZeRO stages 0 (fp32), 1, 2 and 3 (fp32 and bf16) without offload."
 SUPPORTED_VERSIONS = "DeepSpeed >=0.19,<0.20"
 _WRAPPED_MARKER = "_ds_dho2_wrapped"
 
@@ -154,13 +155,12 @@ def adopt_loaded_checkpoint(engine: Any) -> None:
 def check_engine_config(engine: Any) -> None:
     """Reject, before any state is built, the DeepSpeed settings DHO2 does not support."""
     stage = engine.zero_optimization_stage()
-    if stage >= 3:
-        raise UnsupportedDeepSpeedSetup(
-            f"DHO2 does not support ZeRO stage {stage}: its Hessian-vector products need each rank's full "
-            f"parameters. {SUPPORTED} Set zero_optimization.stage to 1 or 2.")
     if stage > 0 and (engine.zero_offload_optimizer() is not None or engine.zero_cpu_offload()):
         raise UnsupportedDeepSpeedSetup(
             f"DHO2 does not support ZeRO optimizer offload. {SUPPORTED} Remove zero_optimization.offload_optimizer.")
+    if stage == 3 and engine.zero_offload_param() is not None:
+        raise UnsupportedDeepSpeedSetup(
+            f"DHO2 does not support ZeRO-3 parameter offload. {SUPPORTED} Remove zero_optimization.offload_param.")
     if stage > 0 and engine.zero_elastic_checkpoint():
         raise UnsupportedDeepSpeedSetup(
             "DHO2 does not support zero_optimization.elastic_checkpoint: its curvature state is not a 1-D "
@@ -182,6 +182,8 @@ def bind_engine(engine: Any) -> None:
     stage = engine.zero_optimization_stage()
     if stage == 0:
         optimizer.bind_replicated(TorchDistCommunicator(engine.data_parallel_group))
+    elif stage == 3:
+        optimizer.bind_partition(*zero3_partition_layout(engine.optimizer, optimizer))
     else:
         optimizer.bind_partition(*zero_partition_layout(engine.optimizer, optimizer))
     optimizer.attach(engine.module)
@@ -291,6 +293,47 @@ def zero_partition_layout(zero_optimizer: Any, optimizer: DHO2) -> tuple[ShardLa
         raise UnsupportedDeepSpeedSetup(
             f"ZeRO partition has {partition.numel()} elements but the layout expects {layout.partition_numel}.")
     return layout, comm
+
+
+def zero3_partition_layout(zero_optimizer: Any, optimizer: DHO2) -> tuple[ParameterShardLayout, TorchDistCommunicator,
+                                                                         torch.Tensor, Callable[[], None]]:
+    """The map between a DeepSpeed ZeRO-3 optimizer's fp32 partition (its one sub-group) and the module's
+    partitioned parameters; products are finite differences on the partitions (said once)."""
+    patch_points.check_instance(zero_optimizer, patch_points.ZERO3_INSTANCE, SUPPORTED_VERSIONS)
+    if len(zero_optimizer.fp16_groups) != 1:
+        total = sum(p.ds_numel for group in zero_optimizer.fp16_groups for p in group)
+        raise UnsupportedDeepSpeedSetup(
+            f"DHO2 under ZeRO-3 needs its parameters in one optimizer sub-group (found "
+            f"{len(zero_optimizer.fp16_groups)}): set zero_optimization.sub_group_size to at least {total}.")
+    config = optimizer.config
+    if config.hvp not in (HVPMethod.AUTO, HVPMethod.FINITE_DIFFERENCE):
+        raise UnsupportedDeepSpeedSetup(
+            f"DHO2 hvp={config.hvp.value!r} needs each rank's full parameters, which ZeRO-3 never holds; under "
+            "ZeRO-3 DHO2 takes products by finite differences. Set hvp to 'auto' or 'finite_difference'.")
+    params = tuple(zero_optimizer.fp16_groups[0])
+    comm = TorchDistCommunicator(zero_optimizer.dp_process_group)
+    layout = ParameterShardLayout(params=params, rank=comm.rank, world_size=comm.world_size,
+                                  partition_sizes=tuple(p.ds_tensor.numel() for p in params),
+                                  numels=tuple(p.ds_numel for p in params))
+    partition = zero_optimizer.fp32_partitioned_groups_flat[0]
+    if partition.numel() != layout.partition_numel:
+        raise UnsupportedDeepSpeedSetup(
+            f"ZeRO-3 partition has {partition.numel()} elements but the parameters' slices hold "
+            f"{layout.partition_numel}; unexpected parameter layout.")
+    optimizer.tracker.chooser.resolved = HVPMethod.FINITE_DIFFERENCE
+    if config.hvp is HVPMethod.AUTO and config.curvature.enabled and comm.rank == 0:
+        logger.info("DHO2 under ZeRO-3 takes Hessian-vector products by finite differences of gradients on the "
+                    "partitions: the exact strategies need each rank's full parameters.")
+    offload = zero_optimizer.parameter_offload
+
+    def repartition() -> None:
+        """After a products backward: release the layers left gathered and partition every parameter again,
+        as ZeRO-3's step found them (it partitions all before calling DHO2 and gathers the persistent ones
+        after)."""
+        offload.release_backward_leftovers()
+        offload.partition_all_parameters()
+
+    return layout, comm, partition, repartition
 
 
 #: What :func:`load_config` puts in place of ``"auto"`` when no override is given. ``train_batch_size``

@@ -63,6 +63,18 @@ DEEPSPEED = (
     PatchPoint("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer.step", "wraps (per engine)",
                "counts the steps ZeRO skips on inf/NaN gradients for DHO2's max_nonfinite_steps stop",
                ("self", "closure")),
+    PatchPoint("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3.step", "wraps (per engine)",
+               "counts the steps ZeRO-3 skips on inf/NaN gradients", ("self", "closure")),
+    PatchPoint("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3._optimizer_step", "relies on",
+               "ZeRO-3 hands DHO2 its fp32 partition only while calling step()", ("self", "sub_group_id")),
+    PatchPoint("deepspeed.runtime.zero.parameter_offload", "DeepSpeedZeRoOffload.release_backward_leftovers",
+               "calls", "a products backward leaves the first layers gathered (their inputs need no gradient)",
+               ("self",)),
+    PatchPoint("deepspeed.runtime.zero.parameter_offload", "DeepSpeedZeRoOffload.partition_all_parameters",
+               "calls", "products run inside ZeRO-3's step, which expects every parameter partitioned",
+               ("self",)),
+    PatchPoint("deepspeed.runtime.zero.partition_parameters", "Init", "relies on",
+               "partitioned parameters carry ds_tensor (this rank's slice), ds_numel and ds_shape"),
 )
 
 #: attributes of a built ZeRO-1/2 optimizer, checked by :func:`check_instance` at ``deepspeed.initialize``
@@ -70,6 +82,9 @@ ZERO_INSTANCE = (
     "round_robin_bit16_groups", "round_robin_bit16_padding", "partition_size", "single_partition_of_fp32_groups",
     "real_dp_process_group", "overflow",
 )
+
+#: attributes of a built ZeRO-3 optimizer (and of its partitioned parameters), checked at ``deepspeed.initialize``
+ZERO3_INSTANCE = ("fp16_groups", "fp32_partitioned_groups_flat", "dp_process_group", "overflow", "parameter_offload")
 
 #: Transformers, checked when ``transformers.trainer`` is first imported
 TRANSFORMERS = (

@@ -287,7 +287,7 @@ def w2_worker(rank: int, world: int, ckpt_dir: str) -> dict:
     _part(out, "features", lambda: _features_run(rank, world))
     _part(out, "bad_rnk", lambda: _init_error(S.ds_config(2, {"rnk": 4}, 4)))
     _part(out, "bad_rank0", lambda: _init_error(S.ds_config(2, {"rank": 0}, 4)))
-    _part(out, "zero3", lambda: _init_error(S.ds_config(3, S.EQ_PARAMS, 4)))
+    _part(out, "zero3", lambda: _init_error(S.ds_config(3, S.EQ_PARAMS, 4)))  # EQ_PARAMS pins hvp='reverse'
     for name, cfg in UNSUPPORTED.items():
         _part(out, name, lambda cfg=cfg: _init_error(cfg))
     _part(out, "checkpoint", lambda: _checkpoint_runs(rank, world, ckpt_dir))
@@ -458,7 +458,7 @@ def test_first_micro_batch_curvature_would_differ() -> None:
 
 
 @pytest.mark.timeout(480)
-def test_bad_params_and_zero3_fail_at_initialize(w2: dict) -> None:
+def test_bad_params_and_exact_products_under_zero3_fail_at_initialize(w2: dict) -> None:
     for r in w2["ranks"]:
         rnk, rank0, zero3 = _ok(r["bad_rnk"]), _ok(r["bad_rank0"]), _ok(r["zero3"])
         assert rnk["type"] == "ConfigError" and rnk["config_error"]
@@ -466,7 +466,9 @@ def test_bad_params_and_zero3_fail_at_initialize(w2: dict) -> None:
         assert rank0["type"] == "ConfigError" and "rank=0" in rank0["message"]
         assert "integer >= 1" in rank0["message"]
         assert zero3["type"] == "UnsupportedDeepSpeedSetup" and zero3["unsupported"]
-        assert "ZeRO stage 3" in zero3["message"] and "Set zero_optimization.stage to 1 or 2" in zero3["message"]
+        assert zero3["message"] == ("DHO2 hvp='reverse' needs each rank's full parameters, which ZeRO-3 never holds; "
+                                    "under ZeRO-3 DHO2 takes products by finite differences. Set hvp to 'auto' or "
+                                    "'finite_difference'.")
         for name, words in UNSUPPORTED_MESSAGES.items():
             error = _ok(r[name])
             assert error["type"] == "UnsupportedDeepSpeedSetup", (name, error)
