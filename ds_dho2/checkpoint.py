@@ -181,6 +181,13 @@ def _check_complete(components: Mapping[str, ComponentState], saved: dict, flat:
                                 else f"DHO2 state dict is incomplete: {detail}.")
 
 
+def saved_flat_keys(components: Mapping[str, ComponentState], replicated: dict) -> list[str]:
+    """Every flat entry name a saved form refers to, for the components this run has."""
+    saved = check_format(replicated)["components"]
+    return [key for name, state in components.items() if name in saved
+            for key in _saved_keys(saved[name], component_prefix(name, state))]
+
+
 def _saved_keys(packed: dict, prefix: str) -> list[str]:
     """The flat entry names a packed state refers to, in the order :func:`pack` wrote them."""
     keys = []

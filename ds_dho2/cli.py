@@ -4,6 +4,9 @@
 DeepSpeed and then runs an unmodified training script as ``__main__`` with its own arguments. It runs alone
 as one process, or as the program of a launcher: ``torchrun ... $(which ds-dho2) run train.py ...``,
 ``deepspeed --no_python ds-dho2 run train.py ...``, ``accelerate launch --no_python ds-dho2 run train.py ...``.
+``ds-dho2 probe [--steps N] [--max-rank K] [--output FILE] SCRIPT [ARGS...]`` runs a script the same way with
+hooks that find its model, loss and optimizer, stops it after N optimizer steps and reports whether DHO2 can
+help it (:mod:`ds_dho2.probe`).
 ``ds-dho2 to-universal INPUT_FOLDER OUTPUT_FOLDER`` converts a DeepSpeed ZeRO-1/2 checkpoint with DHO2 state
 into a universal checkpoint, which loads at any data-parallel world size
 (:mod:`ds_dho2.integrations.universal`).
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import os
 import runpy
@@ -188,12 +192,75 @@ def run_to_universal(options: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- probe
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def run_probe(options: argparse.Namespace, launcher_flags: list[str]) -> int:
+    """``ds-dho2 probe``: run the script under :class:`ds_dho2.probe.hooks.TrainingCapture`, stop it after
+    ``--steps`` optimizer steps, print the report (and write ``--output``). A script that ends earlier is
+    probed at its last step. Problems are one line on stderr and status 1."""
+    from ds_dho2.config import ConfigError
+    from ds_dho2.integrations.deepspeed import UnsupportedDeepSpeedSetup
+    from ds_dho2.probe import probe_training
+    from ds_dho2.probe.hooks import ProbeDue, ProbeError, TrainingCapture
+
+    def fail(message: object) -> int:
+        print(f"{PROG} probe: error: {' '.join(str(message).split())}", file=sys.stderr)
+        return START_ERROR
+
+    if options.target is None:
+        return fail(f"no script given. Use '{PROG} probe [--steps N] SCRIPT [ARGS...]' or "
+                    f"'{PROG} probe [--steps N] -m MODULE [ARGS...]'.")
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):
+        return fail("the probe runs one process, but a launcher started several (WORLD_SIZE="
+                    f"{os.environ['WORLD_SIZE']}). Run '{PROG} probe SCRIPT ...' without a launcher.")
+    capture = TrainingCapture(options.steps).install()
+    try:
+        run_script(options.target, [*launcher_flags, *options.args], as_module=options.module)
+    except ProbeDue:
+        pass
+    except SystemExit as stop:  # the script called sys.exit: probe what it trained, unless it failed
+        if stop.code not in (None, 0):
+            shut_down_process_group()
+            return stop.code if isinstance(stop.code, int) else START_ERROR
+    except StartupError as error:
+        return fail(error)
+    except (ConfigError, UnsupportedDeepSpeedSetup) as error:
+        return fail(f"{type(error).__name__}: {error}")
+    finally:
+        capture.remove()
+    if 0 < capture.steps < options.steps:
+        logger.warning("%s probe: the script ended after %d of %d steps; probing at its last step.", PROG,
+                       capture.steps, options.steps)
+    try:
+        report = probe_training(**capture.probe_arguments(), max_rank=options.max_rank)
+    except ProbeError as error:
+        return fail(error)
+    finally:
+        shut_down_process_group()
+    print(report, flush=True)
+    if options.output:
+        with open(options.output, "w", encoding="utf-8") as handle:
+            json.dump(report.as_dict(), handle, indent=2)
+            handle.write("\n")
+        print(f"{PROG} probe: wrote {os.path.abspath(options.output)}", flush=True)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="DHO2 for DeepSpeed: run an unmodified training script with "
                      "\"type\": \"DHO2\" registered, or convert a checkpoint into a universal one.")
     parser.add_argument("--version", action="version", version=f"{PROG} {ds_dho2.__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{run,to-universal}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{run,probe,to-universal}", parser_class=_Parser)
     sub.required = True
     run = sub.add_parser(
         "run", help="run an unmodified training script with DHO2 registered in DeepSpeed",
@@ -206,6 +273,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("target", metavar="TARGET", nargs="?", help="script path (or module name with -m)")
     run.add_argument("args", metavar="ARGS", nargs=argparse.REMAINDER,
                      help="arguments passed to the script unchanged (including --help)")
+    probe = sub.add_parser(
+        "probe", help="run an unmodified training script for N steps and report whether DHO2 can help it",
+        description="Run SCRIPT (or -m MODULE) with ARGS as 'ds-dho2 run' does, with hooks that find its model, "
+                    "loss and optimizer (plain PyTorch, the Hugging Face Trainer, a DeepSpeed engine under ZeRO "
+                    "0-2). After N optimizer steps, stop the script and print the top of the Hessian spectrum "
+                    "and its outliers, the share of the last step in their subspace, lr x lambda_max against the "
+                    "base optimizer's stability limit, the gradient noise scale against the batch size, and a "
+                    "verdict. One process only.",
+        usage=f"{PROG} probe [-h] [--steps N] [--max-rank K] [--output FILE] [-m] TARGET [ARGS ...]")
+    probe.add_argument("--steps", type=_positive, default=200, metavar="N",
+                       help="optimizer steps to train before probing (default 200)")
+    probe.add_argument("--max-rank", type=_positive, default=32, metavar="K",
+                       help="largest subspace considered; choose it above the number of classes (default 32)")
+    probe.add_argument("--output", metavar="FILE", help="also write the report as JSON to FILE")
+    probe.add_argument("-m", dest="module", action="store_true", help="TARGET is a module name, as in python -m")
+    probe.add_argument("target", metavar="TARGET", nargs="?", help="script path (or module name with -m)")
+    probe.add_argument("args", metavar="ARGS", nargs=argparse.REMAINDER,
+                       help="arguments passed to the script unchanged")
     universal = sub.add_parser(
         "to-universal", help="convert a DeepSpeed checkpoint with DHO2 state into a universal checkpoint",
         description="Convert one tag folder of a DeepSpeed ZeRO-1/2 checkpoint with DHO2 state (AdamW or "
@@ -234,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         options = build_parser().parse_args(argv)
         if options.command == "to-universal":
             return run_to_universal(options)
+        if options.command == "probe":
+            return run_probe(options, launcher_flags)
         if options.target is None:
             raise StartupError(f"no script given. Use '{PROG} run SCRIPT [ARGS...]' or "
                                f"'{PROG} run -m MODULE [ARGS...]'.")

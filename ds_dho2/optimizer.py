@@ -98,17 +98,21 @@ class DHO2(torch.optim.Optimizer):
 
     def bind_partition(self, layout: ShardLayout | ParameterShardLayout, comm: Communicator,
                        partition: torch.Tensor | None = None,
-                       release_after_backward: Callable[[], None] | None = None) -> None:
+                       release_after_backward: Callable[[], None] | None = None,
+                       quiet_products: Callable[[], Any] | None = None) -> None:
         """Use a rank's flat partition (DeepSpeed ZeRO): ``partition`` (default ``param_groups[0]['params'][0]``,
         ZeRO-1/2's fp32 partition; ZeRO-3 passes its sub-group's, which it puts in the group only during
         ``step()``), ``layout`` maps it to the module's parameters and ``comm`` is the data-parallel group;
-        ``release_after_backward`` (ZeRO-3) releases the layers a products backward left gathered."""
+        ``release_after_backward`` (ZeRO-3) releases the layers a products backward left gathered, and
+        ``quiet_products`` is the context ZeRO-3 products run in (no prefetching)."""
         partition = self.param_groups[0]["params"][0] if partition is None else partition
         if isinstance(layout, ParameterShardLayout):
             self._flat = ParameterPartitions(layout, partition)
             self.route.products_in_step_only = True
             if release_after_backward is not None:
                 self.route.release_after_backward = release_after_backward
+            if quiet_products is not None:
+                self.route.quiet_products = quiet_products
         else:
             self._flat = PartitionParameters(layout, partition)
         self._comm = self._batch_comm = comm

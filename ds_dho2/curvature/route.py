@@ -9,6 +9,7 @@ and re-evaluates the curvature batch's loss for the ADMM acceptance check.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Callable
 
@@ -39,6 +40,7 @@ class LossRoute:
         #: ZeRO-3: products run in ``step()`` on the partitions, never on the graph of engine.backward
         self.products_in_step_only = False
         self.release_after_backward: Callable[[], None] = lambda: None
+        self.quiet_products: Callable[[], Any] = contextlib.nullcontext
         self._warned: set[str] = set()
 
     # ---------------------------------------------------------------------------------------- wiring
@@ -46,9 +48,12 @@ class LossRoute:
         if self.capture is not None:
             self.capture.remove()
         self.capture = BatchCapture(model, loss_fn, math_attention=self.graph_products_due)
+        self.capture.record_criterion = self.engine_backward
 
     def bind_engine_backward(self, is_boundary: Callable[[], bool]) -> None:
         self.engine_backward, self.is_boundary = True, is_boundary
+        if self.capture is not None:
+            self.capture.record_criterion = True
 
     @property
     def model(self) -> torch.nn.Module | None:
@@ -67,6 +72,8 @@ class LossRoute:
         """The engine's ``backward(loss)``: on a boundary micro-batch of a step due for products, run them
         on this loss's graph (``scale``: see ``ds_dho2.curvature.loss_scale``)."""
         self.saw_engine_loss = True
+        if self.capture is not None:
+            self.capture.finish_tape(loss)
         if not self.config.curvature.enabled or not self.is_boundary() or self.products_in_step_only:
             return
         step = self.next_step()
@@ -107,7 +114,7 @@ class LossRoute:
             return None
         layout = self.tracker.require_layout()
         if isinstance(layout, ParameterShardLayout):
-            partitions = Partitions(layout, self.tracker.shard_comm, self.release_after_backward)
+            partitions = Partitions(layout, self.tracker.shard_comm, self.release_after_backward, self.quiet_products)
             return ProductInputs(model=capture.model, params=list(layout.params), replay=replay, full_replay=full,
                                  partitions=partitions)
         return ProductInputs(model=None if capture is None else capture.model, params=list(layout.params),

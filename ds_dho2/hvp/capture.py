@@ -11,6 +11,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
+from ds_dho2.hvp.tape import CriterionTape
+
 LossFn = Callable[[Any, tuple, dict], torch.Tensor]
 
 #: keyword arguments a replay drops: Hugging Face models divide by this global item count (summed over
@@ -80,7 +82,9 @@ class BatchCapture:
     * The pre-hook remembers the inputs of the last training-mode, grad-enabled forward (evaluation
       passes do not replace them; forwards run by the products themselves are ignored, see :meth:`paused`).
     * The post-hook records whether that forward's output carried a scalar loss, so a missing loss is
-      reported at the first step rather than at the first refresh.
+      reported at the first step rather than at the first refresh. When it carries none (and no
+      ``loss_fn`` is given) it starts a :class:`~ds_dho2.hvp.tape.CriterionTape` of the script's criterion,
+      which :meth:`finish_tape` completes with the loss handed to ``engine.backward``.
     * When ``math_attention()`` says so, a training forward runs under the math SDPA backend, whose graph
       supports a second backward (the steps whose own gradient graph yields products).
     """
@@ -95,6 +99,10 @@ class BatchCapture:
         self.math_attention = math_attention or (lambda: False)
         self.skipped_eval_forward = False
         self._paused = False
+        #: record the script's criterion when the output has no loss (set where engine.backward hands
+        #: DHO2 the loss that ends it)
+        self.record_criterion = False
+        self.tape: CriterionTape | None = None
         self._attention: contextlib.AbstractContextManager | None = None
         self._handles = [model.register_forward_pre_hook(self._before, with_kwargs=True),
                          model.register_forward_hook(self._after, always_call=True)]
@@ -108,6 +116,7 @@ class BatchCapture:
         if not module.training:
             self.skipped_eval_forward = True
             return
+        self._drop_tape()
         self.args, self.kwargs = args, kwargs
         if self._attention is None and self.math_attention():
             self._attention = sdpa_kernel([SDPBackend.MATH])
@@ -119,6 +128,8 @@ class BatchCapture:
             attention.__exit__(None, None, None)
         if self._recording(module):
             self.output_has_loss = find_loss(output) is not None
+            if self.record_criterion and not self.output_has_loss and self.loss_fn is None and self.args is not None:
+                self.tape = CriterionTape(output, _leading_batch_size(self.args, self.kwargs or {}))
 
     @property
     def has_batch(self) -> bool:
@@ -126,8 +137,20 @@ class BatchCapture:
 
     @property
     def can_replay(self) -> bool:
-        """Whether a replay can produce a loss: a ``loss_fn`` was given or the output carries one."""
-        return self.has_batch and (self.loss_fn is not None or bool(self.output_has_loss))
+        """Whether a replay can produce a loss: a ``loss_fn`` was given, the output carries one, or the
+        script's criterion was recorded."""
+        return self.has_batch and (self.loss_fn is not None or bool(self.output_has_loss)
+                                   or (self.tape is not None and self.tape.ready))
+
+    def finish_tape(self, loss: torch.Tensor) -> None:
+        """``engine.backward(loss)``: the recorded criterion ends in ``loss`` (or is dropped)."""
+        if self.tape is not None and not self.tape.ready and not self.tape.finish(loss):
+            self._drop_tape()
+
+    def _drop_tape(self) -> None:
+        if self.tape is not None:
+            self.tape.stop()
+            self.tape = None
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -143,18 +166,24 @@ class BatchCapture:
         if self.args is None or self.kwargs is None:
             raise RuntimeError("DHO2 has no captured batch yet: run a training forward pass first.")
         kwargs = {k: v for k, v in self.kwargs.items() if k not in REPLAY_DROPPED_KWARGS}
+        batch = _leading_batch_size(self.args, kwargs)
         args, kwargs = slice_batch(self.args, kwargs, fraction)
+        stride = 1 if batch is None or batch < 2 else min(max(1, round(1.0 / fraction)), batch)
+        tape = self.tape if (self.loss_fn is None and not self.output_has_loss) else None
 
         def closure() -> torch.Tensor:
             with self.paused():
                 output = self.model(*args, **kwargs)
             if self.loss_fn is not None:
                 return self.loss_fn(output, args, kwargs)
+            if tape is not None and tape.ready:
+                return tape.replay(output, stride)
             return loss_from_output(output)
 
         return closure
 
     def remove(self) -> None:
+        self._drop_tape()
         for handle in self._handles:
             handle.remove()
         self._handles = []

@@ -73,12 +73,16 @@ def shifted_partitions(layout: ParameterShardLayout, shift: torch.Tensor | None,
 @dataclasses.dataclass(frozen=True)
 class Partitions:
     """What a ZeRO-3 product needs besides the model and the loss: the partition layout, the data-parallel
-    group, and ZeRO-3's release of the layers whose post-backward hook did not fire (a layer fed inputs
-    that need no gradient keeps its gathered parameters until it is told)."""
+    group, ZeRO-3's release of the layers whose post-backward hook did not fire (a layer fed inputs that
+    need no gradient keeps its gathered parameters until it is told), and a context that stops ZeRO-3 from
+    prefetching parameters during a product (its prefetch follows the training pass's recorded order and
+    could gather slices before they are shifted or after they are restored)."""
 
     layout: ParameterShardLayout
     comm: Communicator
     release_after_backward: Callable[[], None] = lambda: None
+    #: a context for each products forward/backward (ZeRO-3: no parameter prefetching)
+    quiet: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
 def local_gradient(model: torch.nn.Module, partitions: Partitions, closure: LossClosure) -> torch.Tensor:
@@ -100,7 +104,7 @@ def local_gradient(model: torch.nn.Module, partitions: Partitions, closure: Loss
     trainable = [i for i, p in enumerate(params) if p.requires_grad]
     handles = [params[i].register_hook(slicer(i)) for i in trainable]
     try:
-        with hvp_context(model):
+        with partitions.quiet(), hvp_context(model):
             loss = closure()
             torch.autograd.grad(loss, [params[i] for i in trainable], allow_unused=True)
     finally:

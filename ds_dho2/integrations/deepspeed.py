@@ -26,6 +26,7 @@ which fills their ``"auto"`` values) and resolves every ``"auto"`` for plain ``d
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -168,7 +169,7 @@ def check_engine_config(engine: Any) -> None:
     if stage == 0 and engine.load_universal_checkpoint():
         raise UnsupportedDeepSpeedSetup(
             "DHO2 under ZeRO stage 0 keeps its whole state on every rank, so its regular checkpoints load at any "
-            "world size; universal checkpoints are for ZeRO stages 1 and 2. Remove checkpoint.load_universal.")
+            "world size; universal checkpoints are for ZeRO stages 1, 2 and 3. Remove checkpoint.load_universal.")
     if stage == 0 and (engine.fp16_enabled() or engine.bfloat16_enabled()):
         raise UnsupportedDeepSpeedSetup(
             f"DHO2 under ZeRO stage 0 supports fp32 only. {SUPPORTED} Use zero_optimization.stage 1 or 2 for "
@@ -184,6 +185,7 @@ def bind_engine(engine: Any) -> None:
         optimizer.bind_replicated(TorchDistCommunicator(engine.data_parallel_group))
     elif stage == 3:
         optimizer.bind_partition(*zero3_partition_layout(engine.optimizer, optimizer))
+        read_universal_state(engine.optimizer, optimizer)
     else:
         optimizer.bind_partition(*zero_partition_layout(engine.optimizer, optimizer))
     optimizer.attach(engine.module)
@@ -238,6 +240,21 @@ def route_backward_loss(engine: Any, optimizer: DHO2) -> None:
     setattr(backward, _WRAPPED_MARKER, True)
     engine.backward = backward
     optimizer.bind_engine_backward(engine.is_gradient_accumulation_boundary)
+
+
+def read_universal_state(zero_optimizer: Any, optimizer: DHO2) -> None:
+    """Wrap this ZeRO-3 optimizer's universal load so it reads DHO2's entries too
+    (:func:`ds_dho2.integrations.universal.load_universal_stage3`)."""
+    from ds_dho2.integrations.universal import load_universal_stage3
+
+    def reading(load: Callable) -> Callable:
+        def load_all(checkpoint_dir: str) -> None:
+            if not load_universal_stage3(zero_optimizer, optimizer, checkpoint_dir):
+                load(checkpoint_dir)
+
+        return load_all
+
+    _wrap_once(zero_optimizer, "load_hp_checkpoint_state_from_checkpoint_dir_stage3", reading)
 
 
 def count_skipped_steps(zero_optimizer: Any, optimizer: DHO2) -> None:
@@ -295,8 +312,8 @@ def zero_partition_layout(zero_optimizer: Any, optimizer: DHO2) -> tuple[ShardLa
     return layout, comm
 
 
-def zero3_partition_layout(zero_optimizer: Any, optimizer: DHO2) -> tuple[ParameterShardLayout, TorchDistCommunicator,
-                                                                         torch.Tensor, Callable[[], None]]:
+def zero3_partition_layout(zero_optimizer: Any, optimizer: DHO2) -> tuple[
+        ParameterShardLayout, TorchDistCommunicator, torch.Tensor, Callable[[], None]]:
     """The map between a DeepSpeed ZeRO-3 optimizer's fp32 partition (its one sub-group) and the module's
     partitioned parameters; products are finite differences on the partitions (said once)."""
     patch_points.check_instance(zero_optimizer, patch_points.ZERO3_INSTANCE, SUPPORTED_VERSIONS)
@@ -320,12 +337,15 @@ def zero3_partition_layout(zero_optimizer: Any, optimizer: DHO2) -> tuple[Parame
         raise UnsupportedDeepSpeedSetup(
             f"ZeRO-3 partition has {partition.numel()} elements but the parameters' slices hold "
             f"{layout.partition_numel}; unexpected parameter layout.")
+    with torch.no_grad():  # ZeRO-3 leaves the padding of the last slices uninitialised; norms must not see it
+        for (offset, _, valid), size, param in zip(layout.slices(), layout.partition_sizes, params):
+            param.ds_tensor.data[valid:] = 0
+            partition.data[offset + valid:offset + size] = 0
     optimizer.tracker.chooser.resolved = HVPMethod.FINITE_DIFFERENCE
     if config.hvp is HVPMethod.AUTO and config.curvature.enabled and comm.rank == 0:
         logger.info("DHO2 under ZeRO-3 takes Hessian-vector products by finite differences of gradients on the "
                     "partitions: the exact strategies need each rank's full parameters.")
     offload = zero_optimizer.parameter_offload
-
     def repartition() -> None:
         """After a products backward: release the layers left gathered and partition every parameter again,
         as ZeRO-3's step found them (it partitions all before calling DHO2 and gathers the persistent ones

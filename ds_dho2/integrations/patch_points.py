@@ -73,6 +73,15 @@ DEEPSPEED = (
     PatchPoint("deepspeed.runtime.zero.parameter_offload", "DeepSpeedZeRoOffload.partition_all_parameters",
                "calls", "products run inside ZeRO-3's step, which expects every parameter partitioned",
                ("self",)),
+    PatchPoint("deepspeed.runtime.zero.parameter_offload", "DeepSpeedZeRoOffload.partition_all_parameters",
+               "calls", "products run inside ZeRO-3's step, which expects every parameter partitioned",
+               ("self",)),
+    PatchPoint("deepspeed.runtime.zero.stage3",
+               "DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3",
+               "wraps (per engine)", "a universal load of ZeRO-3 reads only Adam's entries; DHO2 reads all of its own",
+               ("self", "checkpoint_dir")),
+    PatchPoint("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state",
+               "calls", "this rank's slice of one parameter's universal entry", ("self", "folder", "key", "param")),
     PatchPoint("deepspeed.runtime.zero.partition_parameters", "Init", "relies on",
                "partitioned parameters carry ds_tensor (this rank's slice), ds_numel and ds_shape"),
 )
@@ -111,6 +120,13 @@ UNIVERSAL_CONVERTER = (
                "merges one entry's fragments", ("param_base_path", "state", "tp_degree", "slice_shapes")),
     PatchPoint("deepspeed.checkpoint.ds_to_universal", "_save_checkpoint", "calls",
                "writes a merged entry", ("file_path", "chkpt_sd")),
+    PatchPoint("deepspeed.checkpoint.ds_to_universal", "extract_zero_shards_stage3", "replaces",
+               "dumps every per-element entry of a ZeRO-3 rank", ("optim_files_grid", "param_shapes_grid",
+                                                                  "dp_degree", "temp_dir", "indices")),
+    PatchPoint("deepspeed.checkpoint.ds_to_universal", "merge_zero3_slices", "replaces",
+               "merges every entry kind of a ZeRO-3 parameter", ("dp_degree", "dir", "slice_dir", "name")),
+    PatchPoint("deepspeed.checkpoint.ds_to_universal", "_zero_partitioned_param_info", "calls",
+               "ZeRO-3's slice size of a parameter", ("unpartitioned_numel", "world_size")),
 )
 
 

@@ -1,11 +1,11 @@
-"""``ds-dho2 to-universal``: a DeepSpeed ZeRO-1/2 checkpoint with DHO2 state -> a universal checkpoint.
+"""``ds-dho2 to-universal``: a DeepSpeed ZeRO-1/2/3 checkpoint with DHO2 state -> a universal checkpoint.
 
 DeepSpeed's ``ds_to_universal`` writes, for every parameter, one file per optimizer-state kind
 (``zero/<param>/<kind>.pt``) and a common ``zero/optimizer_state.pt`` with rank 0's param groups; a
 ``"checkpoint": {"load_universal": true}`` load then gives each rank its slice of every file, at any world
 size. It knows only ``exp_avg``, ``exp_avg_sq``, ``fp32`` and ``step``, so it would drop DHO2's curvature and
-fail on a heavy-ball base. This converter runs DeepSpeed's own converter in-process with three of its
-functions replaced for the duration of the call:
+fail on a heavy-ball base. This converter runs DeepSpeed's own converter in-process with some of its
+functions replaced for the duration of the call (the stage-3 extraction and merge likewise):
 
 * extraction dumps every per-element state entry of DHO2's saved form (:mod:`ds_dho2.checkpoint`: the
   eigenvector, ADMM and in-flight Lanczos entries, and ``momentum_buffer`` for a heavy-ball base), a float64
@@ -77,7 +77,7 @@ def to_universal(input_folder: str | os.PathLike, output_folder: str | os.PathLi
     ``output_folder``; DeepSpeed also writes ``latest_universal`` (naming it) next to ``output_folder``.
 
     Returns a summary: the DHO2 entries written per parameter, the number of parameters and the source
-    data-parallel world size. Raises :class:`UniversalConversionError` when the input is not a ZeRO-1/2
+    data-parallel world size. Raises :class:`UniversalConversionError` when the input is not a ZeRO
     checkpoint with DHO2 state, or DeepSpeed is not a supported version.
     """
     converter = check_deepspeed()
@@ -87,7 +87,8 @@ def to_universal(input_folder: str | os.PathLike, output_folder: str | os.PathLi
                               num_merge_workers=max(1, merge_workers), keep_temp_folder=keep_temp_folder,
                               strict=True, inject_missing_state=True)
     replaced = {"extract_zero_shards": _extract_zero_shards, "merge_tp_slices": _merge_tp_slices,
-                "_save_optimizer_state": _save_optimizer_state}
+                "_save_optimizer_state": _save_optimizer_state,
+                "extract_zero_shards_stage3": _extract_zero_shards_stage3, "merge_zero3_slices": _merge_zero3_slices}
     with _replaced(converter, replaced):
         converter.main(args)
     names = sorted(name for name in os.listdir(os.path.join(target, "zero"))
@@ -111,13 +112,11 @@ def _check_folders(source: str, target: str) -> int:
         hint = (" It holds no ZeRO optimizer files: a ZeRO stage 0 checkpoint loads at any world size as it is."
                 if glob.glob(os.path.join(source, "mp_rank_*_model_states.pt")) else
                 " Give the folder of one saved tag, e.g. checkpoints/global_step100, not the checkpoint root.")
-        raise UniversalConversionError(f"{source} is not a DeepSpeed ZeRO-1/2 checkpoint tag folder.{hint}")
+        raise UniversalConversionError(f"{source} is not a DeepSpeed ZeRO checkpoint tag folder.{hint}")
     first = torch.load(optim_files[0], map_location="cpu", weights_only=False)
     optim = first.get("optimizer_state_dict", {})
     stage = int(optim.get("zero_stage", 1))
-    if stage > 2:
-        raise UniversalConversionError(f"{source} is a ZeRO stage {stage} checkpoint; DHO2 runs under stages 0-2.")
-    base = optim.get("base_optimizer_state")
+    base = optim.get("optimizer_state_dict" if stage == 3 else "base_optimizer_state")
     groups = base.get("param_groups") if isinstance(base, dict) else None
     state = base.get("state", {}).get(0, {}) if isinstance(base, dict) else {}
     if not (groups and GROUP_KEY in groups[0]):
@@ -161,8 +160,11 @@ def _flat_entries(optim_sd: dict, group_index: int) -> dict[str, Any]:
 
     fp32 = optim_sd[SINGLE_PARTITION_OF_FP32_GROUPS][group_index]  # saved without the shard's end padding
     padding = int((optim_sd.get(GROUP_PADDINGS) or [0] * (group_index + 1))[group_index])
-    shard = fp32.numel() + padding
-    entry = optim_sd[BASE_OPTIMIZER_STATE]["state"].get(group_index, {})
+    return _per_element(optim_sd[BASE_OPTIMIZER_STATE]["state"].get(group_index, {}), fp32, fp32.numel() + padding)
+
+
+def _per_element(entry: dict, fp32: torch.Tensor, shard: int) -> dict[str, Any]:
+    """``entry``'s per-element tensors (float64 ones as two float32 halves), ``fp32`` and ``step``."""
     flat: dict[str, Any] = {}
     for key, value in entry.items():
         if key == STEP_KEY or not torch.is_tensor(value):
@@ -179,6 +181,42 @@ def _flat_entries(optim_sd: dict, group_index: int) -> dict[str, Any]:
     if STEP_KEY in entry:
         flat[STEP_KEY] = entry[STEP_KEY]
     return flat
+
+
+def _extract_zero_shards_stage3(optim_files_grid: Any, param_shapes_grid: Any, dp_degree: int, temp_dir: str,
+                                indices: tuple[int, int], exclude_param_names: Any = None) -> None:
+    """Replaces ``ds_to_universal.extract_zero_shards_stage3``: every per-element entry of a ZeRO-3 rank's
+    DHO2 state, cut parameter by parameter as ZeRO-3 partitions them (not only Adam's moments)."""
+    import deepspeed.checkpoint.ds_to_universal as converter
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT
+
+    tp_index, dp_index = indices
+    if tp_index != 0:
+        raise UniversalConversionError("the checkpoint is tensor parallel; DHO2 runs data parallel only.")
+    optim_sd = torch.load(optim_files_grid[tp_index][dp_index], map_location="cpu", weights_only=False)[
+        OPTIMIZER_STATE_DICT]
+    for index, shapes in enumerate(param_shapes_grid[tp_index]):
+        fp32 = optim_sd["fp32_flat_groups"][index]
+        flat = _per_element(optim_sd[OPTIMIZER_STATE_DICT]["state"].get(index, {}), fp32, fp32.numel())
+        flat.pop(STEP_KEY, None)  # ZeRO-3's universal step is read from optimizer_state.pt
+        offset = 0
+        for name, shape in shapes.items():
+            numel = int(torch.Size(shape).numel())
+            partitioned, _ = converter._zero_partitioned_param_info(numel, dp_degree)
+            valid = max(0, min(partitioned, numel - dp_index * partitioned))
+            for key, value in flat.items():
+                converter.dump_param_fragment(temp_dir, tp_index, dp_index, key, value, name, offset, valid)
+            offset += partitioned
+
+
+def _merge_zero3_slices(dp_degree: int, dir: str, slice_dir: str, name: str) -> None:  # noqa: A002
+    """Replaces ``ds_to_universal.merge_zero3_slices``: merge every entry kind dumped for ``name``."""
+    import deepspeed.checkpoint.ds_to_universal as converter
+
+    kinds = sorted({file.rsplit(".", 1)[0] for file in os.listdir(os.path.join(slice_dir, name, "0"))})
+    for kind in kinds:
+        slices = converter._merge_zero_shards(os.path.join(slice_dir, name), kind, 1)
+        converter._save_checkpoint(os.path.join(dir, name, f"{kind}.pt"), slices[0])
 
 
 def _extract_zero_shards(dir: str, ds_checkpoint: Any, indices_3D: tuple[int, int, int]) -> None:  # noqa: A002
@@ -239,3 +277,48 @@ def _save_optimizer_state(args: Any, ds_checkpoint: Any) -> None:
         output[GROUP_PADDINGS] = [0] * len(output[GROUP_PADDINGS])  # as DeepSpeed's stripped copy says
     output[PARAM_GROUPS] = [dict(group) for group in optim_sd[BASE_OPTIMIZER_STATE][PARAM_GROUPS]]
     converter._save_checkpoint(os.path.join(args.output_folder, "zero", "optimizer_state.pt"), output)
+
+
+def load_universal_stage3(zero_optimizer: Any, optimizer: Any, checkpoint_dir: str) -> bool:
+    """A universal checkpoint into a ZeRO-3 engine running DHO2: DeepSpeed's own load reads only ``fp32``,
+    ``exp_avg`` and ``exp_avg_sq``; this reads ``fp32`` and every per-element entry DHO2's saved form lists,
+    each parameter's slice for this rank (``load_hp_checkpoint_state``), into ``optimizer.state`` and the
+    param group, where :meth:`DHO2.adopt_checkpoint_state` takes them. False (nothing read) when the
+    checkpoint has no DHO2 saved form; the adoption then refuses it with its message."""
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM_GROUPS
+
+    from ds_dho2.checkpoint import GROUP_KEY, saved_flat_keys
+
+    folder = os.path.join(checkpoint_dir, "zero")
+    optim_sd = torch.load(os.path.join(folder, "optimizer_state.pt"), weights_only=False)
+    saved_groups = optim_sd[OPTIMIZER_STATE_DICT][PARAM_GROUPS]
+    replicated = saved_groups[0].get(GROUP_KEY)
+    if replicated is None:
+        return False
+    zero_optimizer._load_global_state_stage3(optim_sd)
+    params = zero_optimizer.fp16_groups[0]
+    fp32 = zero_optimizer.fp32_partitioned_groups_flat[0]
+    names = [zero_optimizer.param_names[p] for p in params]
+    state = optimizer.state[fp32]
+    keys = ["fp32"] + saved_flat_keys(optimizer.component_states(), replicated)
+    for key in keys:
+        for suffix in ("", LO_SUFFIX):
+            if not all(os.path.isfile(os.path.join(folder, name, f"{key}{suffix}.pt")) for name in names):
+                continue
+            value = torch.cat([zero_optimizer.load_hp_checkpoint_state(os.path.join(folder, name), key + suffix,
+                                                                        param=p).to(fp32.dtype)
+                               for name, p in zip(names, params)])
+            if key == "fp32":
+                fp32.data.copy_(value)
+            else:
+                state[key + suffix] = value
+    state[STEP_KEY] = optim_sd[OPTIMIZER_STATE_DICT]["state"][0][STEP_KEY]
+    for key, value in saved_groups[0].items():
+        if key != "params":
+            optimizer.param_groups[0][key] = value
+    zero_optimizer.fp16_partitioned_groups_flat[0].data.copy_(fp32.data)
+    for partitioned, value in zip(zero_optimizer.fp16_partitioned_groups[0],
+                                  zero_optimizer.unflatten(zero_optimizer.fp16_partitioned_groups_flat[0],
+                                                           zero_optimizer.fp16_partitioned_groups[0])):
+        partitioned.data = value.data
+    return True

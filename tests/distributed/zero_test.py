@@ -621,7 +621,8 @@ def test_ds_configs_are_complete_and_load() -> None:
     from ds_dho2.config import DHO2Config
     from ds_dho2.integrations.deepspeed import AUTO_DEFAULTS, load_config
 
-    names = {"dho2_zero0.json": 0, "dho2_zero1.json": 1, "dho2_zero2.json": 2, "dho2_zero2_bf16.json": 2}
+    names = {"dho2_zero0.json": 0, "dho2_zero1.json": 1, "dho2_zero2.json": 2, "dho2_zero2_bf16.json": 2,
+             "dho2_zero3.json": 3, "dho2_zero3_bf16.json": 3}
     hf_auto = {"lr", "betas", "eps", "weight_decay"}
     for name, stage in names.items():
         raw = json.loads((ROOT / "ds_configs" / name).read_text())

@@ -121,12 +121,12 @@ def test_usage_errors_are_one_line(capsys) -> None:
         cli.main([])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == ("ds-dho2: error: the following arguments are required: "
-                                       "{run,to-universal}. See 'ds-dho2 --help'.\n")
+                                       "{run,probe,to-universal}. See 'ds-dho2 --help'.\n")
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["train", "x.py"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("ds-dho2: error: argument {run,to-universal}: invalid choice: ")
+    assert err.startswith("ds-dho2: error: argument {run,probe,to-universal}: invalid choice: ")
     assert err.count("\n") == 1
     assert err.endswith(". See 'ds-dho2 --help'.\n")
 
@@ -150,17 +150,19 @@ def test_dho2_config_error_is_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(180)
 def test_unsupported_deepspeed_setup_is_one_line(tmp_path: Path) -> None:
-    """ZeRO-3 is refused inside deepspeed.initialize; ``ds-dho2 run`` reports it in one line, no traceback."""
+    """ZeRO-3 parameter offload is refused inside deepspeed.initialize; ``ds-dho2 run`` reports it in one line,
+    no traceback."""
     config = tmp_path / "zero3.json"
     config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "steps_per_print": 10 ** 9,
-                                  "zero_optimization": {"stage": 3},
+                                  "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}},
                                   "optimizer": {"type": "DHO2", "params": {"lr": 1e-2, "rank": 2}}}))
     proc = run([ds_dho2_exe(), "run", str(DS_SCRIPT), str(config)], cwd=tmp_path)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     last = proc.stderr.splitlines()[-1]
-    assert last.startswith("ds-dho2 run: error: UnsupportedDeepSpeedSetup: DHO2 does not support ZeRO stage 3"), last
-    assert "Set zero_optimization.stage to 1 or 2" in last
+    assert last.startswith("ds-dho2 run: error: UnsupportedDeepSpeedSetup: DHO2 does not support ZeRO-3 parameter "
+                           "offload."), last
+    assert "Remove zero_optimization.offload_param" in last
 
 
 # ---------------------------------------------------------------------------- forwarding, environment
