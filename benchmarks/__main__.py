@@ -13,6 +13,7 @@ SUITES = {
     "stability": "benchmarks.stability",
     "defaults_search": "benchmarks.defaults_search",
     "subspace": "benchmarks.subspace",
+    "zero3_memory": "benchmarks.memory_zero3",
 }
 
 

@@ -161,3 +161,23 @@ def test_find_dho2_unwraps_wrapper_chains():
     cyclic = Wrapper()
     cyclic.optimizer = cyclic
     assert find_dho2(cyclic) is None
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_unmodified_trainer_script_under_zero3_from_the_json_alone(tmp_path):
+    """``ds_configs/dho2_zero3.json`` (with refreshes early enough for a short run) drives the Trainer at W=2:
+    DHO2 binds to ZeRO-3's partitions and refreshes its curvature there."""
+    config = json.loads((REPO / "ds_configs" / "dho2_zero3.json").read_text())
+    config["optimizer"]["params"].update(warmup_steps=10, refresh_interval=10)
+    path = tmp_path / "zero3.json"
+    path.write_text(json.dumps(config))
+    ds_dho2_bin = shutil.which("ds-dho2") or str(BIN / "ds-dho2")
+    text = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), ds_dho2_bin, "run",
+                "recipes/plain_trainer.py", "--deepspeed", str(path), "--max-steps", "40",
+                "--output-dir", str(tmp_path / "plain")], timeout=280)
+    assert "engine basic_optimizer: DHO2" in text and "DHO2 bound to DeepSpeed engine (ZeRO stage 3)" in text
+    assert text.count("DHO2 curvature refresh at step") >= 2, text[-3000:]
+    losses = json.loads(next(line for line in text.splitlines() if line.startswith("train losses:")).split(":", 1)[1])
+    assert losses[-1] < losses[0]
