@@ -14,6 +14,7 @@ SUITES = {
     "defaults_search": "benchmarks.defaults_search",
     "subspace": "benchmarks.subspace",
     "zero3_memory": "benchmarks.memory_zero3",
+    "regimes": "benchmarks.regimes",
 }
 
 

@@ -58,6 +58,10 @@ class CurvatureMode(str, enum.Enum):
     INTERLEAVED = "interleaved"
 
 
+#: the k of rank='auto' before the first refresh has measured the spectrum
+AUTO_START_RANK = 4
+
+
 class ConfigError(ValueError):
     """Raised for an invalid DHO2 configuration; the message names the key and what is allowed."""
 
@@ -163,6 +167,11 @@ class CurvatureConfig(_Section):
     ``max_interval``: the refresh interval grows (doubling, up to this) while the subspace barely rotates
     between refreshes and shrinks back towards ``refresh_interval`` when it rotates; ``None`` means
     ``4 * refresh_interval``, and ``max_interval == refresh_interval`` turns adaptation off.
+    ``back_off``: when the curvature carried less than ``payoff_share`` of the predicted loss decrease since
+    the last refresh (the Newton step's quadratic-model gain, plus what the heavy-ball boost adds), it sleeps
+    (no basis, so each step is the base optimizer's) and wakes for a refresh every ``4 * max_interval``
+    steps to look again: a refresh and its projections cost several per cent of a step, so a curvature that
+    carries less than that only slows the run.
     """
 
     _key: ClassVar[str] = "curvature"
@@ -175,6 +184,8 @@ class CurvatureConfig(_Section):
     warm_start_noise: Number = Field(0.1, ge=0.0)
     tolerance: Number = Field(0.05, gt=0.0)
     max_interval: Count | None = Field(None, ge=1)
+    back_off: Flag = True
+    payoff_share: Number = Field(0.05, ge=0.0, lt=1.0)
 
 
 class DHO2Config(_Section):
@@ -186,9 +197,12 @@ class DHO2Config(_Section):
     weight_decay: Number = Field(0.0, ge=0.0)
     base: Annotated[BaseOptimizer, AnyCase] = BaseOptimizer.ADAMW
     momentum: Number = Field(0.9, ge=0.0, lt=1.0)
-    rank: Count = Field(4, ge=1)
+    rank: Annotated[int, Strict(), annotated_types.Ge(1)] | Literal["auto"] = Field(
+        4, description="k, the eigenpairs in use; 'auto' follows the outliers of the spectrum up to max_rank.")
+    max_rank: Count = Field(20, ge=1, description="The largest k rank='auto' may reach.")
     lanczos_order: Count | None = Field(None, ge=1, validate_default=True,
-                                        description="At least rank; None means 2 * rank.")
+                                        description="At least rank; None means 2 * rank (2 * max_rank with "
+                                                    "rank='auto', the most a refresh may run).")
     alpha: Number = Field(0.1, ge=0.0)
     newton_momentum: Number = Field(0.9, ge=0.0, lt=1.0)
     refresh_interval: Count = Field(50, ge=1)
@@ -201,6 +215,9 @@ class DHO2Config(_Section):
     hvp: Annotated[HVPMethod, AnyCase] = HVPMethod.AUTO
     lanczos_dtype: Literal["float64", "float32"] = "float32"
     max_nonfinite_steps: Count = Field(10, ge=1)
+    divergence_growth: Number = Field(100.0, ge=1.0, description="A step's ||g||^2 above this multiple of its "
+                                      "running mean, with curvature in use, drops the basis (checked every "
+                                      "max_nonfinite_steps steps).")
     seed: Count = Field(0, ge=0)
     curvature: CurvatureConfig = Field(default_factory=CurvatureConfig,
                                        description="max_interval, when set, is at least refresh_interval.")
@@ -212,11 +229,13 @@ class DHO2Config(_Section):
     @classmethod
     def _order_covers_rank(cls, order: int | None, info: ValidationInfo) -> int | None:
         rank = info.data.get("rank")
+        if rank == "auto":
+            rank = info.data.get("max_rank")
         if rank is None:
             return order
         if order is None:
             return 2 * rank
-        if order < rank:
+        if order < rank and info.data.get("rank") != "auto":
             raise _invalid("lanczos_order", order, f"an integer >= rank ({rank})")
         return order
 
@@ -254,6 +273,21 @@ class DHO2Config(_Section):
                     f"refresh_interval={self.refresh_interval}. "
                     "Raise iterations_per_step or refresh_interval.")
         return self
+
+    @property
+    def adaptive_rank(self) -> bool:
+        """``rank='auto'``: k follows the outliers of the spectrum between refreshes."""
+        return self.rank == "auto"
+
+    @property
+    def start_rank(self) -> int:
+        """The k of the first refresh: ``rank``, or :data:`AUTO_START_RANK` (at most ``max_rank``) with 'auto'."""
+        return min(AUTO_START_RANK, self.max_rank) if self.adaptive_rank else int(self.rank)
+
+    @property
+    def rank_limit(self) -> int:
+        """The largest k this config can use."""
+        return self.max_rank if self.adaptive_rank else int(self.rank)
 
     @property
     def max_refresh_interval(self) -> int:
@@ -313,6 +347,11 @@ def _is_section(annotation: Any) -> bool:
 
 def _allowed(annotation: Any, constraints: list[Any]) -> str:
     """What a field accepts, in words, from its declared type and constraints ("an integer >= 1")."""
+    literals = [arg for arg in get_args(annotation) if get_origin(arg) is Literal] \
+        if get_origin(annotation) in (Union, types.UnionType) else []
+    if literals:  # a number or a keyword, e.g. rank: an integer >= 1 or 'auto'
+        number = next(arg for arg in get_args(annotation) if get_origin(arg) is not Literal)
+        return _allowed(number, constraints) + " or " + " or ".join(repr(v) for lit in literals for v in get_args(lit))
     kind, constraints = _bare(annotation, constraints)
     if kind is bool:
         return "true or false"

@@ -29,6 +29,7 @@ from ds_dho2.dist.comm import Communicator, LocalCommunicator
 from ds_dho2.dist.flat import FlatParameters, ParameterPartitions, PartitionParameters, SeparateParameters
 from ds_dho2.dist.layout import ParameterShardLayout, ShardLayout
 from ds_dho2.hvp.capture import LossFn
+from ds_dho2.logging_utils import log_on_main_rank
 from ds_dho2.param_groups import WeightDecay, check_parameters, merge_param_groups
 from ds_dho2.update.admm import ADMMCoupling
 from ds_dho2.update.base import make_base_step
@@ -67,8 +68,9 @@ class DHO2(torch.optim.Optimizer):
         self.route = LossRoute(config, self.tracker, next_step=lambda: self._steps + 1)
         self.base = make_base_step(config)
         self.newton = NewtonStep(self.base.adam_type)
+        self.tracker.payoff = self.newton.mean_share
         self.admm = ADMMCoupling(config)
-        self.guard = NonFiniteGuard(config.max_nonfinite_steps)
+        self.guard = NonFiniteGuard(config.max_nonfinite_steps, config.divergence_growth)
         #: every part whose state is saved, by name; a part is anything with a ``state`` declaration
         self.components: dict[str, Any] = {"base": self.base, "curvature": self.tracker, "newton": self.newton,
                                            "admm": self.admm, "guard": self.guard}
@@ -232,8 +234,24 @@ class DHO2(torch.optim.Optimizer):
         self._steps += 1
         self.route.in_step(self._steps)
         self._update(grad, self._steps)
-        self.guard.check(self._steps)
+        if self.guard.check(self._steps):
+            self._on_divergence(self._steps)
         return loss
+
+    def _on_divergence(self, step: int) -> None:
+        """The gradient norm rose tenfold within a few steps: if curvature is in use, drop the basis (and
+        with it the Newton momentum), halve a heavy-ball boost and refresh early; said once."""
+        if self.tracker.basis is None:
+            return
+        boost = self.base.shrink_boost()
+        reason = (f"the gradient norm rose more than tenfold within {self.config.max_nonfinite_steps} steps at "
+                  f"step {step} (a curvature-driven divergence?)" + (f"; heavy-ball boost cut to {boost:.2g} of "
+                                                                     "lr_clip - 1" if boost else ""))
+        events = self.tracker.stats.get("divergence_guard_events", 0) + 1
+        self.tracker.stats["divergence_guard_events"] = events
+        log_on_main_rank(logger, logging.WARNING if events == 1 else logging.DEBUG,
+                         "DHO2 dropped its curvature basis and refreshes early: %s.", reason)
+        self.tracker.drop_basis(reason, quiet=True)
 
     def engine_skipped_step(self) -> None:
         """DeepSpeed skipped this step before calling DHO2 (inf/NaN gradients): count it for the guard."""
@@ -252,13 +270,14 @@ class DHO2(torch.optim.Optimizer):
         stats: dict[str, Any] = {"skipped": 1 - keep}
         if basis is not None:
             newton = self.newton.coefficients(basis, split, keep, group, self.tracker.transition)
-            finish = hybrid.finish_update(direction, basis, newton, comm, base_scale=self.base.scale(basis),
+            finish = hybrid.finish_update(direction, basis, newton, comm, base_scale=self.base.scale(basis, group),
                                           newton_max_ratio=self.config.newton_max_ratio,
-                                          total_numel=flat.layout.total_numel, active=split.active)
+                                          total_numel=flat.layout.total_numel, split=split)
+            self.newton.observe(finish)
             stats.update(subspace_grad_fraction=(split.coefficients, split.grad_sq), newton_trust_scale=finish)
         self.admm.add_pending(direction, keep)
         flat.apply(direction, group["lr"], self.weight_decay.value(group, flat.layout, dtype, direction.device), keep)
-        self.guard.record(keep)
+        self.guard.record(keep, split.grad_sq)
         if self.admm.due(step):
             self.admm.window_end(flat, comm, self.route.loss_evaluator())
         self._step_stats = stats
@@ -367,8 +386,11 @@ class DHO2(torch.optim.Optimizer):
 
 
 def _rank_within(config: DHO2Config, total: int) -> DHO2Config:
-    """``config`` with ``rank`` (and the Lanczos order) lowered to the number of parameters, with a warning."""
-    if config.rank <= total:
+    """``config`` with ``rank`` (or ``max_rank``) and the Lanczos order lowered to the number of parameters,
+    with a warning."""
+    if config.rank_limit <= total:
         return config
-    logger.warning("DHO2 rank=%d exceeds the %d trainable parameters; using rank=%d.", config.rank, total, total)
-    return DHO2Config(**{**config.to_dict(), "rank": total, "lanczos_order": min(config.lanczos_order, total)})
+    key = "max_rank" if config.adaptive_rank else "rank"
+    logger.warning("DHO2 %s=%d exceeds the %d trainable parameters; using %s=%d.", key, config.rank_limit, total,
+                   key, total)
+    return DHO2Config(**{**config.to_dict(), key: total, "lanczos_order": min(config.lanczos_order, total)})

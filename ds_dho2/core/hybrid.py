@@ -95,6 +95,16 @@ class Finish:
 
     requested: torch.Tensor
     applied: torch.Tensor
+    newton_gain: torch.Tensor  # the quadratic model's loss decrease of the Newton step, c.n - |lambda| n^2 / 2
+    base_gain: torch.Tensor  # the first-order loss decrease of the base step outside V, -s g2.d
+    base_scale: torch.Tensor | float  # s, the boost of the base step (1 for an Adam-type base)
+
+    def newton_share(self) -> torch.Tensor:
+        """The curvature's share of this step's predicted loss decrease (a 0-dim tensor in [0, 1]): the
+        Newton step's, plus the part of the base step that only the boost ``s`` adds (``1 - 1/s`` of it)."""
+        newton, base = self.newton_gain.clamp_min(0), self.base_gain.clamp_min(0)
+        curvature = newton + base * (1 - 1 / torch.as_tensor(self.base_scale, dtype=base.dtype))
+        return curvature / (newton + base).clamp_min(1e-300)
 
 
 def trust_scale(finish: Finish) -> float:
@@ -106,7 +116,7 @@ def trust_scale(finish: Finish) -> float:
 
 def finish_update(direction: torch.Tensor, basis: Basis, newton_coefficients: torch.Tensor, comm: Communicator, *,
                   base_scale: torch.Tensor | float, newton_max_ratio: float, total_numel: int,
-                  active: torch.Tensor | None = None) -> Finish:
+                  split: Split) -> Finish:
     """Steps 4-7 in place: ``d <- s * (d - V^T V d) - V^T n``, the whole update of this step, where ``d``
     is the base step and ``n`` (k coefficients) the Newton step ``alpha * u / |lambda|``.
 
@@ -115,13 +125,18 @@ def finish_update(direction: torch.Tensor, basis: Basis, newton_coefficients: to
     learning rate. So no subspace direction moves much further than the base optimizer moves any
     parameter: an eigenvalue underestimated on a small or already memorised batch (``|lambda| -> 0``) cannot
     turn ``u / |lambda|`` into a jump, while the sharp directions keep their short Newton steps. A
-    non-finite Newton step is replaced by zero (the base step still applies). Where ``active`` is False
-    (a zero gradient) the subspace parts are left out: the update there is the base step alone.
+    non-finite Newton step is replaced by zero (the base step still applies). Where ``split.active`` is
+    False (a zero gradient) the subspace parts are left out: the update there is the base step alone.
+
+    The same all-reduce carries ``g2 . d``, so :class:`Finish` can say how much of the step's predicted loss
+    decrease the Newton step carried (the curvature's payoff, read once per refresh).
     """
     vectors = basis.vectors.to(direction.dtype) if basis.vectors.dtype != direction.dtype else basis.vectors
-    partial = comm.all_reduce(torch.cat([vectors @ direction, torch.dot(direction, direction).reshape(1)]))
-    in_subspace, direction_sq = partial[:-1], partial[-1]
-    base_rms = (direction_sq - in_subspace.square().sum()).clamp_min(0).sqrt() * base_scale / total_numel ** 0.5
+    partial = comm.all_reduce(torch.cat([vectors @ direction, torch.dot(direction, direction).reshape(1),
+                                         torch.dot(split.complement, direction).reshape(1)]))
+    in_subspace, direction_sq, complement_dot = partial[:-2], partial[-2], partial[-1]
+    complement_sq = (direction_sq - in_subspace.square().sum()).clamp_min(0) * base_scale ** 2
+    base_rms = complement_sq.sqrt() / total_numel ** 0.5
     limit = newton_max_ratio * base_rms
     newton = torch.nan_to_num(newton_coefficients, nan=0.0, posinf=0.0, neginf=0.0)
     clipped = torch.minimum(torch.maximum(newton, -limit), limit)
@@ -129,7 +144,10 @@ def finish_update(direction: torch.Tensor, basis: Basis, newton_coefficients: to
         direction.mul_(base_scale)
         in_subspace = in_subspace * base_scale
     correction = vectors.t() @ (in_subspace + clipped)
-    if active is not None:
-        correction.mul_(active)
+    if split.active is not None:
+        correction.mul_(split.active)
     direction.sub_(correction)
-    return Finish(requested=newton, applied=clipped)
+    coefficients = torch.nan_to_num(split.coefficients.to(clipped.dtype), nan=0.0, posinf=0.0, neginf=0.0)
+    newton_gain = (coefficients * clipped).sum() - 0.5 * (basis.values.abs().to(clipped.dtype) * clipped.square()).sum()
+    return Finish(requested=newton, applied=clipped, newton_gain=newton_gain, base_gain=-base_scale * complement_dot,
+                  base_scale=base_scale)

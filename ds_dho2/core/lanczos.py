@@ -76,6 +76,7 @@ class LanczosState(ComponentState):
     rank: int | None = replicated(None)
     tolerance: float | None = replicated(None)
     eig_floor: float = replicated(0.0)
+    last_beta: float = replicated(0.0)  # the norm of the residual vector of the last iteration
 
     def rows_in_use(self) -> int:
         """Completed iterations plus the current vector; the rows after those are still zeros."""
@@ -158,6 +159,7 @@ class LanczosRun:
         self._reorthogonalise(w, j + 1, comm)
         beta = float(self._norm(w, comm))
         state.alphas.append(float(alpha))
+        state.last_beta = beta
         if j + 1 >= state.order:
             self._stop("reached order")
             return
@@ -201,6 +203,22 @@ class LanczosRun:
         chosen = select_top_magnitude(values, rank, eig_floor)
         return RitzSelection(values=values[chosen], coefficients=vectors[:, chosen],
                              residuals=torch.full((chosen.numel(),), float("nan"), dtype=torch.float64))
+
+    def converged_values(self, tolerance: float, eig_floor: float) -> list[float]:
+        """The Ritz values in decreasing magnitude, up to and including the first one whose residual
+        ``beta_n |s_n|`` exceeds ``tolerance * |theta|``: those that can be trusted, plus the next one (the
+        first value of the unresolved rest, against which the last trusted one is compared)."""
+        if self.iterations == 0:
+            return []
+        values, vectors = torch.linalg.eigh(_tridiagonal(self.state.alphas, self.state.betas))
+        chosen = select_top_magnitude(values, values.numel(), eig_floor)
+        residuals = self.state.last_beta * vectors[-1, chosen].abs()
+        out = []
+        for value, residual in zip(values[chosen].tolist(), residuals.tolist()):
+            out.append(value)
+            if residual > tolerance * abs(value):
+                break
+        return out
 
     def project(self, local_vectors: torch.Tensor, comm: Communicator) -> torch.Tensor:
         """``Q X^T`` (n x rows of X, float64, all-reduced): the basis against other sharded vectors."""

@@ -26,6 +26,7 @@ import torch
 from ds_dho2.config import DHO2Config, HVPMethod
 from ds_dho2.core.hybrid import Basis
 from ds_dho2.core.lanczos import LanczosRun, LanczosState
+from ds_dho2.core.spectrum import OUTLIER_GAP, outlier_count
 from ds_dho2.core.state import ComponentState, nested, replicated, sharded
 from ds_dho2.curvature.operator import hessian_operator, random_start_vector, warm_start_vector
 from ds_dho2.curvature.schedule import RefreshSchedule
@@ -60,6 +61,9 @@ class CurvatureState(ComponentState):
     interval: int = replicated(0)
     last_products_step: int = replicated(0)
     hvp_strategy: str | None = replicated(None)
+    rank_in_use: int = replicated(0)  # rank='auto': the k of the next refresh (0: the config's start rank)
+    dormant: bool = replicated(False)  # backed off: the Newton step did not pay; no basis until a wake refresh
+    order_in_use: int = replicated(0)  # rank='auto': the Lanczos order of the next refresh (0: the config's)
 
 
 class CurvatureTracker:
@@ -74,6 +78,10 @@ class CurvatureTracker:
         self.batch_comm: Communicator = self.shard_comm
         self.state = CurvatureState(next_refresh=self.schedule.first_refresh, interval=config.refresh_interval)
         self.stats: dict[str, Any] = {}
+        #: the Newton step's mean share of the update since the last install (None: not measured); set by
+        #: the optimizer, read once per refresh to decide whether the curvature backs off
+        self.payoff: Callable[[], float | None] = lambda: None
+        self._warned: set[str] = set()
         self._basis: Basis | None = None
         self._basis_key: tuple | None = None
 
@@ -176,6 +184,8 @@ class CurvatureTracker:
         if offered is None:
             return False
         state = self.state
+        if state.lanczos is None and not self._pays_off(step):
+            return False
         started = time.perf_counter()
         state.last_products_step = step
         if state.lanczos is None:
@@ -196,6 +206,27 @@ class CurvatureTracker:
         installed = self._install(run)
         self._end_run(step)
         return installed
+
+    def _pays_off(self, step: int) -> bool:
+        """Before a refresh: did the installed basis pay? When the Newton step carried less than
+        ``curvature.payoff_share`` of the update, drop the basis (each step is then the base optimizer's),
+        say so once, and wake for a refresh after ``4 * max_interval`` steps. True when the refresh runs."""
+        cfg, state = self.config, self.state
+        share = self.payoff() if state.eigenvalues is not None else None
+        if share is None or not cfg.curvature.back_off or share >= cfg.curvature.payoff_share:
+            state.dormant = False
+            return True
+        self._drop(quiet=True)
+        state.dormant = True
+        state.next_refresh = step + 4 * cfg.max_refresh_interval
+        self.stats.update(dormant=1.0, newton_share=share, next_refresh=state.next_refresh)
+        level = logging.DEBUG if "dormant" in self._warned else logging.INFO
+        self._warned.add("dormant")
+        log_on_main_rank(logger, level, "DHO2 backs off its curvature at step %d: the Newton step carried %.2g%% of "
+                         "the update since the last refresh (curvature.payoff_share=%.2g%%), so until a refresh at "
+                         "step %d looks again each step is the base optimizer's.", step, 100 * share,
+                         100 * cfg.curvature.payoff_share, state.next_refresh)
+        return False
 
     def _iterate(self, step: int, run: LanczosRun, offered: ProductInputs) -> bool:
         """This step's Lanczos iterations; False (the refresh ended, nothing installed) if they failed."""
@@ -240,9 +271,40 @@ class CurvatureTracker:
         if not all(p.requires_grad for p in layout.params):  # frozen parameters: no curvature there
             start.mul_(layout.per_element([float(p.requires_grad) for p in layout.params], start.dtype, start.device))
         self.stats["warm_start"] = bool(warm)
-        order = min(cfg.lanczos_order, layout.total_numel)
-        return LanczosRun.start(start, order, self.shard_comm, rank=cfg.rank, tolerance=cfg.curvature.tolerance,
-                                eig_floor=cfg.eig_floor)
+        order = min(state.order_in_use or cfg.lanczos_order, layout.total_numel)
+        return LanczosRun.start(start, order, self.shard_comm, rank=self._resolve(order),
+                                tolerance=cfg.curvature.tolerance, eig_floor=cfg.eig_floor)
+
+    def _resolve(self, order: int) -> int:
+        """How many top Ritz pairs a refresh runs until they have converged: k, or with rank='auto' half its
+        order (the first refresh: ``max_rank + 1``), so the gap after the outliers can be seen."""
+        cfg = self.config
+        if not cfg.adaptive_rank:
+            return int(cfg.rank)
+        return min(order, self.state.order_in_use // 2 if self.state.order_in_use else cfg.max_rank + 1)
+
+    @property
+    def rank(self) -> int:
+        """The k of the refresh in flight or next: the config's, or (rank='auto') the one last measured."""
+        if not self.config.adaptive_rank:
+            return int(self.config.rank)
+        return self.state.rank_in_use or self.config.start_rank
+
+    def _next_rank(self, run: LanczosRun) -> int:
+        """rank='auto': the outliers among the Ritz values this refresh resolved, at most ``max_rank``. The
+        next refresh runs 2k + 4 iterations, or twice this one's when more may stand beyond what it resolved:
+        the outliers reached its edge, or it found no gap before running the most ``lanczos_order`` allows
+        (then k is kept)."""
+        cfg = self.config
+        resolved = run.converged_values(cfg.curvature.tolerance, cfg.eig_floor)
+        count = outlier_count(resolved, cfg.max_rank, OUTLIER_GAP, cfg.eig_floor)
+        rank = min(cfg.max_rank, count) if count else self.rank
+        order = 2 * rank + 4
+        if (count and count >= len(resolved) - 1) or (not count and run.iterations < cfg.lanczos_order):
+            order = max(order, 2 * run.iterations)
+        self.state.order_in_use = min(order, cfg.lanczos_order)
+        self.stats.update(outliers=count, resolved_ritz_values=len(resolved))
+        return rank
 
     def _device(self) -> torch.device:
         return self.require_layout().params[0].device
@@ -250,7 +312,8 @@ class CurvatureTracker:
     def _install(self, run: LanczosRun) -> bool:
         """Swap in the new basis; keep the old one if nothing is usable."""
         state = self.state
-        selection = run.selection(self.config.rank, self.config.eig_floor)
+        rank = self._next_rank(run) if self.config.adaptive_rank else int(self.config.rank)
+        selection = run.selection(rank, self.config.eig_floor)
         if selection.values.numel() == 0:
             log_on_main_rank(logger, logging.WARNING, "DHO2 curvature refresh found no usable eigenpair (%s); "
                              "keeping the previous curvature.", run.stop_reason)
@@ -276,10 +339,12 @@ class CurvatureTracker:
         target_dtype = torch.promote_types(self.require_layout().params[0].dtype, torch.float32)
         state.eigenvectors = vectors.to(target_dtype)
         state.eigenvalues = selection.values.to(device)
+        state.rank_in_use = int(selection.values.numel()) if self.config.adaptive_rank else 0
         state.transition = transition
         state.basis_version += 1
         state.interval = (self.config.refresh_interval if jump is not None
                           else self.schedule.adapt(state.interval, rotation))
+        self.stats.update(dormant=0.0)
         self.stats.update(eigenvalues=[float(v) for v in selection.values], rank=int(selection.values.numel()),
                           subspace_rotation=rotation, refresh_interval=state.interval)
         values = self.stats["eigenvalues"]
@@ -300,17 +365,24 @@ class CurvatureTracker:
         self.stats["next_refresh"] = state.next_refresh
         self.stats.pop("refresh_seconds_partial", None)
 
-    def drop_basis(self, reason: str) -> None:
-        """Forget the installed basis (the optimizer falls back to its base step) and refresh soon."""
+    def drop_basis(self, reason: str, quiet: bool = False) -> None:
+        """Forget the installed basis (the optimizer falls back to its base step) and refresh soon; the
+        caller that says so itself passes ``quiet``."""
         state = self.state
         if state.eigenvalues is None and state.eigenvectors is None:
             return
-        log_on_main_rank(logger, logging.WARNING, "DHO2 dropped its curvature basis: %s.", reason)
+        if not quiet:
+            log_on_main_rank(logger, logging.WARNING, "DHO2 dropped its curvature basis: %s.", reason)
+        self._drop()
+
+    def _drop(self, quiet: bool = False) -> None:
+        state = self.state
         state.eigenvalues = state.eigenvectors = state.transition = None
         state.basis_version += 1
-        state.interval = self.config.refresh_interval
-        state.next_refresh = min(state.next_refresh, state.last_products_step + 1)
         self._basis, self._basis_key = None, None
+        if not quiet:
+            state.interval = self.config.refresh_interval
+            state.next_refresh = min(state.next_refresh, state.last_products_step + 1)
 
 
 def _eigenvalue_jump(old: torch.Tensor | None, new: torch.Tensor) -> tuple[float, float] | None:

@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from ds_dho2.core.spectrum import outlier_count  # noqa: F401 - the probe's rule is DHO2's own
 from ds_dho2.core.lanczos import LanczosRun, MatVec
 from ds_dho2.dist.comm import LocalCommunicator
 
@@ -97,34 +98,6 @@ def preconditioned(matvec: MatVec, scale: torch.Tensor) -> MatVec:
         return matvec(vector * s) * s
 
     return product
-
-
-def outlier_count(values: torch.Tensor | Sequence[float], max_rank: int, min_gap: float,
-                  floor: float = 0.0) -> int:
-    """How many eigenvalues stand above the bulk: the last position ``i <= max_rank`` whose magnitude is at
-    least ``min_gap`` times the next one's, ``|lambda_i| >= min_gap |lambda_{i+1}|`` (0 if there is none).
-    Magnitudes below ``floor * max |lambda|`` count as zero, so the rounding noise of an exactly low-rank
-    Hessian (a batch smaller than the parameter count) creates no gaps of its own.
-
-    ``values`` are in decreasing order of magnitude. The rule looks at neighbour ratios because they do not
-    depend on the loss's scale, and a smooth bulk has neighbour ratios close to 1 everywhere (a
-    Marchenko-Pastur edge, or a power law ``lambda_i ~ i^-a``, whose largest ratio is ``2^a`` at ``i = 1``).
-    It takes the *last* such gap, not the largest, because the outliers of a classifier are not a tight
-    cluster: with outliers ``1000, 50, 40, 30`` over a bulk near 5 the largest ratio is the one between
-    ``1000`` and ``50``, yet all four stand above the bulk; with the last gap the count is 4. Gaps past
-    ``max_rank`` are not looked at: an outlier group larger than ``max_rank`` shows as a smooth top, so
-    ``max_rank`` should exceed the number of classes. When the operator has fewer eigenvalues than
-    ``max_rank + 1`` (a tiny model, or an exactly low-rank Hessian) only the computed ones are compared.
-    """
-    magnitudes = [abs(float(v)) for v in values]
-    top = max(magnitudes, default=0.0)
-    magnitudes = [m if m >= floor * top else 0.0 for m in magnitudes]
-    best = 0
-    for i in range(1, min(int(max_rank), len(magnitudes) - 1) + 1):
-        above, below = magnitudes[i - 1], magnitudes[i]
-        if above > 0 and (below == 0 or above >= min_gap * below):
-            best = i
-    return best
 
 
 def gap(values: torch.Tensor | Sequence[float], i: int) -> float:

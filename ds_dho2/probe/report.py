@@ -44,9 +44,10 @@ import dataclasses
 import math
 from typing import Any
 
+from ds_dho2.core import spectrum
 from ds_dho2.config import DHO2Config
 
-OUTLIER_GAP = 3.0
+OUTLIER_GAP = spectrum.OUTLIER_GAP
 NOISE_BATCH_RATIO = 1.0
 STABILITY_FRACTION = 0.5
 EIGENVALUE_FLOOR = float(DHO2Config.model_fields["eig_floor"].default)

@@ -34,6 +34,7 @@ class HeavyBallState(ComponentState):
 
     momentum_buffer: torch.Tensor | None = sharded()
     applied_steps: torch.Tensor | None = replicated(None)
+    boost: float = replicated(1.0)  # the share of lr_clip - 1 in use; the divergence guard halves it
 
 
 class BaseStep(abc.ABC):
@@ -62,9 +63,13 @@ class BaseStep(abc.ABC):
     def direction(self, complement: torch.Tensor, keep: torch.Tensor, group: dict) -> torch.Tensor:
         """The base step for the complement gradient; nothing moves where ``keep`` is 0."""
 
-    def scale(self, basis: hybrid.Basis) -> torch.Tensor | float:
+    def scale(self, basis: hybrid.Basis, group: dict) -> torch.Tensor | float:
         """``s`` of the complement step (1 unless the base is boosted by the curvature)."""
         return 1.0
+
+    def shrink_boost(self) -> float:
+        """No boost to shrink."""
+        return 0.0
 
     def torch_entries(self) -> dict[str, torch.Tensor]:
         """The moments under their usual names, for ``optimizer.state`` (DeepSpeed's state helpers)."""
@@ -113,10 +118,19 @@ class AdamWStep(BaseStep):
                                betas=betas, eps=eps)
 
 
+#: the boosted complement lr stays below this share of heavy-ball's stability limit
+STABILITY_MARGIN = 0.5
+
+
 class HeavyBallStep(BaseStep):
     """SGD with heavy-ball momentum on the complement, its lr boosted by ``s`` (``lr_clip``)."""
 
     adam_type = False
+
+    def shrink_boost(self) -> float:
+        """Halve the boost beyond 1 (the divergence guard's answer); returns the share left."""
+        self.state.boost *= 0.5
+        return self.state.boost
 
     def new_state(self) -> HeavyBallState:
         return HeavyBallState()
@@ -138,8 +152,18 @@ class HeavyBallStep(BaseStep):
         return heavyball_direction(masked, self.state.momentum_buffer, keep, lr=group["lr"],
                                    momentum=group["momentum"])
 
-    def scale(self, basis: hybrid.Basis) -> torch.Tensor:
-        return hybrid.newton_scale(basis.values, self.config.lr_clip).to(self.dtype)
+    def scale(self, basis: hybrid.Basis, group: dict) -> torch.Tensor:
+        """``clip(lambda_max / lambda_min, 1, lr_clip)``, times the guard's ``boost`` (1 until a divergence),
+        and never more than keeps the boosted lr stable on the complement: heavy-ball with lr is stable
+        while ``lr * lambda < 2 (1 + momentum)``, the complement's curvature is at most the smallest kept
+        ``|lambda|`` (when the basis holds the top ones), so ``s <= STABILITY_MARGIN * 2 (1 + momentum) /
+        (lr * |lambda_min|)``."""
+        s = hybrid.newton_scale(basis.values, 1.0 + (self.config.lr_clip - 1.0) * self.state.boost).to(self.dtype)
+        lr, momentum = group["lr"], group["momentum"]
+        if lr > 0:
+            limit = STABILITY_MARGIN * 2 * (1 + momentum) / (lr * basis.values.abs().min().to(self.dtype))
+            s = torch.minimum(s, limit.clamp_min(1.0))
+        return s
 
 
 def make_base_step(config: DHO2Config) -> BaseStep:

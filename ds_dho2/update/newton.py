@@ -21,6 +21,8 @@ from ds_dho2.core.state import ComponentState, replicated
 class NewtonState(ComponentState):
     momentum: torch.Tensor | None = replicated(None)
     basis_version: int = replicated(0)
+    share_sum: torch.Tensor | None = replicated(None)  # the Newton step's share of each update, summed
+    share_steps: int = replicated(0)  # the steps summed, since the basis was installed
 
 
 class NewtonStep:
@@ -54,6 +56,7 @@ class NewtonStep:
             else:
                 momentum = torch.zeros(basis.rank, dtype=dtype, device=basis.vectors.device)
             state.momentum, state.basis_version = momentum, basis.version
+            state.share_sum, state.share_steps = None, 0
         return momentum
 
     def _inverse_magnitude(self, basis: hybrid.Basis, dtype: torch.dtype) -> torch.Tensor:
@@ -61,6 +64,24 @@ class NewtonStep:
         if self._inverse is None or self._inverse[0] is not basis or self._inverse[1] != dtype:
             self._inverse = (basis, dtype, basis.inverse_magnitude(dtype))
         return self._inverse[2]
+
+    def observe(self, finish: hybrid.Finish) -> None:
+        """Add this step's Newton share of the update to the running sum (on the device, no host read)."""
+        share = torch.nan_to_num(finish.newton_share(), nan=0.0)
+        if self.state.share_sum is None or self.state.share_steps == 0:
+            self.state.share_sum = torch.zeros_like(share)
+        self.state.share_sum.add_(share)
+        self.state.share_steps += 1
+
+    def mean_share(self) -> float | None:
+        """The Newton step's mean share of the squared update norm since the basis was installed (one host
+        read), or None before any step with it; the sum restarts."""
+        state = self.state
+        if not state.share_steps or state.share_sum is None:
+            return None
+        mean = float(state.share_sum) / state.share_steps
+        state.share_sum, state.share_steps = None, 0
+        return mean
 
     def loaded(self) -> None:
         """After a checkpoint load: a non-finite momentum restarts from zero at the next step."""

@@ -32,7 +32,7 @@ def fixed_problem() -> tuple[torch.Tensor, torch.Tensor]:
 
 def make_optimizer(model: torch.nn.Module, mode: str, iterations_per_step: int = 4, **overrides) -> DHO2:
     params = dict(lr=1e-3, rank=RANK, lanczos_order=ORDER, refresh_interval=30, warmup_steps=10,
-                  curvature={"mode": mode, "iterations_per_step": iterations_per_step})
+                  curvature={"mode": mode, "iterations_per_step": iterations_per_step, "back_off": False})
     params.update(overrides)
     return DHO2(model.parameters(), **params).attach(model)
 
@@ -128,7 +128,7 @@ def test_resume_from_state_dict_mid_refresh_is_exact(mode: str) -> None:
 
 # ------------------------------------------------------------ DeepSpeed ZeRO-2, W=2, checkpoint mid-refresh
 DS_PARAMS = {"lr": 1e-2, "rank": 3, "lanczos_order": 12, "refresh_interval": 8, "warmup_steps": 4,
-             "curvature": {"mode": "interleaved", "iterations_per_step": 3}}
+             "curvature": {"mode": "interleaved", "iterations_per_step": 3, "back_off": False}}
 
 
 def _zero2_interleaved_worker(rank: int, world_size: int, checkpoint_dir: str, stop_at: int | None,
@@ -179,7 +179,7 @@ def test_resume_in_the_middle_of_a_warm_started_adaptive_refresh_is_exact() -> N
 
     def build(model: torch.nn.Module) -> DHO2:
         return make_optimizer(model, "interleaved", refresh_interval=6, warmup_steps=3, lanczos_order=12,
-                              iterations_per_step=2, curvature={"mode": "interleaved", "iterations_per_step": 2,
+                              iterations_per_step=2, curvature={"mode": "interleaved", "iterations_per_step": 2, "back_off": False,
                                                                 "max_interval": 24, "tolerance": 0.2})
 
     model = Classifier()

@@ -102,8 +102,9 @@ def test_from_config_rejects_unknown_keys(overrides, key):
 
 @pytest.mark.parametrize("overrides, message", [
     ({"lr": -0.001}, "Invalid DHO2 config value lr=-0.001. Must be a finite number >= 0."),
-    ({"rank": 0}, "Invalid DHO2 config value rank=0. Must be an integer >= 1."),
-    ({"rank": True}, "Invalid DHO2 config value rank=True. Must be an integer >= 1."),
+    ({"rank": 0}, "Invalid DHO2 config value rank=0. Must be an integer >= 1 or 'auto'."),
+    ({"rank": True}, "Invalid DHO2 config value rank=True. Must be an integer >= 1 or 'auto'."),
+    ({"rank": "adaptive"}, "Invalid DHO2 config value rank='adaptive'. Must be an integer >= 1 or 'auto'."),
     ({"rank": 8, "lanczos_order": 4}, "Invalid DHO2 config value lanczos_order=4. Must be an integer >= rank (8)."),
     ({"base": "lamb"}, "Invalid DHO2 config value base='lamb'. Must be one of 'adamw', 'heavyball'."),
     ({"betas": (0.9,)}, "Invalid DHO2 config value betas=(0.9,). Must be a pair of numbers in [0, 1)."),
@@ -118,8 +119,8 @@ def test_from_config_rejects_unknown_keys(overrides, key):
     ({"admm": {"beta": 1, "gamma": 2}}, "Unknown DHO2 config keys in 'admm': 'beta', 'gamma'. Allowed keys: "
      f"{_allowed(ADMMConfig)}."),
     ({"curvature": {"interval": 1}}, "Unknown DHO2 config key in 'curvature': 'interval'. Allowed keys: "
-     "batch_fraction, enabled, iterations_per_step, max_interval, mode, tolerance, warm_start, "
-     "warm_start_noise."),
+     "back_off, batch_fraction, enabled, iterations_per_step, max_interval, mode, payoff_share, tolerance, "
+     "warm_start, warm_start_noise."),
 ])
 def test_exact_messages(overrides, message):
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
@@ -172,7 +173,7 @@ def test_interleaved_schedule_too_slow_raises():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"rank": 0}, "Invalid DHO2 config value rank=0. Must be an integer >= 1."),
+    ({"rank": 0}, "Invalid DHO2 config value rank=0. Must be an integer >= 1 or 'auto'."),
     ({"curvature": {"mode": "async"}},
      "Invalid DHO2 config value curvature.mode='async'. Must be one of 'blocking', 'interleaved'."),
     ({"admm": {"beta": 1, "gamma": 2}}, "Unknown DHO2 config keys in 'admm': 'beta', 'gamma'. Allowed keys: "
@@ -228,7 +229,9 @@ def test_config_is_frozen_and_hashable():
 def test_json_schema_exposes_the_constraints():
     schema = DHO2Config.model_json_schema()
     fields = schema["properties"]
-    assert fields["rank"]["minimum"] == 1 and fields["rank"]["type"] == "integer"
+    integer, auto = fields["rank"]["anyOf"]
+    assert integer == {"minimum": 1, "type": "integer"} and auto["const"] == "auto"
+    assert fields["max_rank"]["minimum"] == 1
     assert fields["momentum"]["minimum"] == 0 and fields["momentum"]["exclusiveMaximum"] == 1
     assert fields["eps"]["exclusiveMinimum"] == 0
     assert fields["lanczos_dtype"]["enum"] == ["float64", "float32"]

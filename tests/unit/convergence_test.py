@@ -101,7 +101,7 @@ def test_digits_mlp_dho2_needs_fewer_steps_than_adamw(digits, seed):
 
     dho2_model = _DigitsMLP(seed)
     dho2 = DHO2(dho2_model.parameters(), lr=lr, weight_decay=0.0, rank=8, refresh_interval=10, warmup_steps=5,
-                alpha=1.0, curvature={"batch_fraction": 1.0}).attach(dho2_model)
+                alpha=1.0, curvature={"batch_fraction": 1.0, "back_off": False}).attach(dho2_model)
     dho2_steps = _minibatch_steps_to_target(dho2_model, dho2, x_train, y_train, target, seed, 150)
     assert adamw_steps is not None and dho2_steps is not None
     assert dho2.eigenvalues is not None

@@ -55,7 +55,7 @@ def test_non_refresh_steps_do_not_read_device_values(base: str, admm: bool, deca
     groups = [{"params": [model.net[0].weight, model.net[2].weight], "weight_decay": decay},
               {"params": [model.net[0].bias, model.net[2].bias], "weight_decay": 0.0}]
     opt = DHO2(groups, lr=1e-2, rank=3, refresh_interval=5, warmup_steps=2, max_nonfinite_steps=1000,
-               base=base, curvature={"max_interval": 5},
+               base=base, curvature={"max_interval": 5, "back_off": False},
                admm={"enabled": admm, "window": 3, "extrapolation": "spread"}).attach(model)
     generator = torch.Generator().manual_seed(1)
     checked = 0

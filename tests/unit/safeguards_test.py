@@ -343,7 +343,8 @@ def test_eigenvalue_jump_guard_resets_momentum_and_refreshes_early(caplog, sharp
     moderate change (2x) is left to the adaptive schedule."""
     model = _ScaledQuadratic()
     opt = DHO2(model.parameters(), lr=1e-2, rank=2, refresh_interval=4, warmup_steps=2, hvp="reverse",
-               curvature={"batch_fraction": 1.0, "max_interval": 16}).attach(
+               curvature={"batch_fraction": 1.0, "max_interval": 16, "back_off": False},
+               divergence_growth=1e30).attach(
         model, loss_fn=lambda output, args, kwargs: output)
     curvature = None
     with caplog.at_level(logging.WARNING):

@@ -34,7 +34,7 @@ def test_loss_fn_gives_the_route_to_the_loss(caplog) -> None:
     model = _logits_model()
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
     opt = DHO2(model.parameters(), lr=1e-2, rank=2, warmup_steps=2, refresh_interval=2,
-               admm={"enabled": True, "window": 4}).attach(
+               curvature={"back_off": False}, admm={"enabled": True, "window": 4}).attach(
         model, loss_fn=lambda output, args, kwargs: torch.nn.functional.cross_entropy(output, y))
     with caplog.at_level(logging.WARNING, logger="ds_dho2"):
         for _ in range(5):

@@ -86,7 +86,7 @@ def test_add_param_group_joins_the_subspace_from_the_next_refresh() -> None:
 
     model = Both()
     second.requires_grad_(False)
-    opt = DHO2(first.parameters(), lr=1e-2, rank=2, refresh_interval=4, warmup_steps=2,
+    opt = DHO2(first.parameters(), lr=1e-2, rank=2, refresh_interval=4, warmup_steps=2, curvature={"back_off": False},
                admm={"enabled": True, "window": 3}).attach(model)
     for _ in range(5):
         opt.zero_grad()
