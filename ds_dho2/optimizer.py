@@ -277,7 +277,7 @@ class DHO2(torch.optim.Optimizer):
             stats.update(subspace_grad_fraction=(split.coefficients, split.grad_sq), newton_trust_scale=finish)
         self.admm.add_pending(direction, keep)
         flat.apply(direction, group["lr"], self.weight_decay.value(group, flat.layout, dtype, direction.device), keep)
-        self.guard.record(keep, split.grad_sq)
+        self.guard.record(keep, split.grad_sq, watch=basis is not None)
         if self.admm.due(step):
             self.admm.window_end(flat, comm, self.route.loss_evaluator())
         self._step_stats = stats

@@ -59,14 +59,19 @@ class NonFiniteGuard:
         if state.grad_sq_mean is None:
             state.grad_sq_mean = torch.full((), -1.0, dtype=torch.float64, device=device)  # -1: no step yet
 
-    def record(self, keep: torch.Tensor, grad_sq: torch.Tensor) -> None:
+    def record(self, keep: torch.Tensor, grad_sq: torch.Tensor, watch: bool) -> None:
         """Count this step: ``keep`` is 1 for an applied step, 0 for a skipped one; ``grad_sq`` its
-        all-reduced ``||g||^2`` (no host read)."""
+        all-reduced ``||g||^2``, watched for a divergence while ``watch`` (a basis is in use). No host read."""
         state = self.state
         state.streak.add_(1).mul_(1 - keep)
         torch.maximum(state.longest_streak, state.streak, out=state.longest_streak)
         state.skipped.add_(1 - keep)
         self._engine_streak = 0
+        if watch:
+            self._watch(keep, grad_sq)
+
+    def _watch(self, keep: torch.Tensor, grad_sq: torch.Tensor) -> None:
+        state = self.state
         grad_sq = torch.where(keep > 0, grad_sq.to(torch.float64), state.grad_sq_mean.clamp_min(0))
         first = state.grad_sq_mean < 0
         mean = torch.where(first, grad_sq, state.grad_sq_mean)
