@@ -1,4 +1,4 @@
-"""Entry point: ``python -m benchmarks <suite> [suite options]`` (also ``ds-dho2 bench <suite> ...``)."""
+"""Entry point: ``python -m benchmarks <suite> [suite options]``."""
 
 from __future__ import annotations
 

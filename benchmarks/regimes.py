@@ -18,6 +18,8 @@ Protocol per (task, batch):
   side (at most ``--max-extensions`` = 4; the JSON says when it is still unbracketed). Then every seed at
   the best lr and its two neighbours; the lowest mean final loss over seeds is the method's *tuned lr*
   (if that lands on an edge of the three, the next lr on that side is added, again at most 4 times).
+  With ``--no-neighbours`` (the recorded full run, to fit the CPU budget) only the seed-0 best lr gets
+  every seed and is the tuned lr.
 * **Target**: the lower of tuned AdamW's and tuned SGD-momentum's mean (over seeds) final training loss.
   The training loss is the mean loss over the *whole training set*, evaluated (eval mode, no gradient)
   at a fixed grid of steps (``RegimeTask.eval_steps``: step 0 and ``eval_points`` evenly spaced steps).
@@ -44,7 +46,7 @@ and step ratio against batch size) and ``.md`` (one table per task and batch).
 
     python -m benchmarks regimes [--quick] [--tasks autoencoder,mnist1d,digits,sst2,charlm] [--batches ...]
                                  [--methods adamw,sgd,dho2,...] [--seeds 3] [--dho2-variants JSON|PATH]
-                                 [--max-extensions 4] [--threads 1] [--output-name regimes]
+                                 [--max-extensions 4] [--no-neighbours] [--threads 1] [--output-name regimes]
 """
 
 from __future__ import annotations
@@ -166,7 +168,10 @@ def method_registry(variants: dict[str, dict[str, Any]] | None = None) -> dict[s
         "adamw": Method("adamw", "AdamW", "torch", torch.optim.AdamW, {"weight_decay": 0.0}),
         "sgd": Method("sgd", "SGD-momentum", "torch", torch.optim.SGD, {"momentum": 0.9}, anchor="sgd"),
         "dho2": dho2_method("dho2", {}, "DHO2 (defaults)"),
-        "dho2_hb_auto": dho2_method("dho2_hb_auto", {"base": "heavyball", "rank": "auto"}, "DHO2 heavy-ball, rank auto"),
+        # the first refresh after 10 steps, not 50: a heavy-ball lr above SGD's stability limit (the point of
+        # the Newton part) diverges before a later first basis can take the sharp directions off its hands
+        "dho2_hb_auto": dho2_method("dho2_hb_auto", {"base": "heavyball", "rank": "auto", "warmup_steps": 10},
+                                    "DHO2 heavy-ball, rank auto"),
         "dho2_adamw_auto": dho2_method("dho2_adamw_auto", {"rank": "auto"}, "DHO2 AdamW, rank auto"),
     }
     try:
@@ -176,7 +181,10 @@ def method_registry(variants: dict[str, dict[str, Any]] | None = None) -> dict[s
     if po is not None:
         methods.update({
             "soap": Method("soap", "SOAP", "pytorch_optimizer", po.SOAP, {"weight_decay": 0.0}),
-            "shampoo": Method("shampoo", "Shampoo", "pytorch_optimizer", po.Shampoo, {"weight_decay": 0.0}),
+            # momentum 0.9 as for SGD (the package default is 0); inverse roots every 10 steps, as SOAP's
+            # precondition_frequency (the package default, every step, costs ~25x an AdamW step here)
+            "shampoo": Method("shampoo", "Shampoo", "pytorch_optimizer", po.Shampoo,
+                              {"weight_decay": 0.0, "momentum": 0.9, "preconditioning_compute_steps": 10}),
             "kron": Method("kron", "Kron (PSGD)", "pytorch_optimizer", po.Kron, {"weight_decay": 0.0}),
             "sophiah": Method("sophiah", "SophiaH", "pytorch_optimizer", po.SophiaH, {"weight_decay": 0.0},
                               needs_graph=_needs_graph_on_update),
@@ -347,13 +355,14 @@ def _step_out(grid: list[float], lr: float, ratio: float) -> float:
 
 
 def tune_lr(center: float, final_loss: Callable[[float, int], float], seeds: list[int], points: int = GRID_POINTS,
-            ratio: float = LR_RATIO, max_extensions: int = MAX_EXTENSIONS) -> dict[str, Any]:
+            ratio: float = LR_RATIO, max_extensions: int = MAX_EXTENSIONS, neighbours: bool = True) -> dict[str, Any]:
     """The lr protocol, on any ``final_loss(lr, seed)``.
 
     1. ``points`` lrs of ratio ``ratio`` around ``center``, seed ``seeds[0]``; while the best sits on an
        edge, one more lr beyond it (at most ``max_extensions``).
     2. Every seed at the best lr and its grid neighbours; the lowest mean over seeds is the tuned lr. If it
        is an edge of those, the next lr on that side joins (every seed; at most ``max_extensions`` more).
+       Without ``neighbours`` only the best lr gets every seed (it is the tuned lr; a third of the runs).
 
     Every edge rule treats all-diverged as "go lower". Returns the grid, the seed-0 losses, the means,
     the tuned lr and whether each stage ended bracketed.
@@ -375,10 +384,10 @@ def tune_lr(center: float, final_loss: Callable[[float, int], float], seeds: lis
     bracketed = not on_edge
     grid = sorted(first)
     i = grid.index(best)
-    candidates = grid[max(0, i - 1):i + 2]
+    candidates = grid[max(0, i - 1):i + 2] if neighbours else [best]
     means = {lr: _mean([final_loss(lr, s) for s in seeds]) for lr in candidates}
     seed_extensions: list[float] = []
-    while True:
+    while neighbours:
         cands, tuned = sorted(means), _argmin(means)
         interior = math.isfinite(means[tuned]) and cands[0] < tuned < cands[-1]
         if interior or len(seed_extensions) >= max_extensions:
@@ -394,7 +403,9 @@ def tune_lr(center: float, final_loss: Callable[[float, int], float], seeds: lis
         if new not in first:
             first[new] = final_loss(new, seeds[0])
         means[new] = _mean([final_loss(new, s) for s in seeds])
-    return {"center": center, "ratio": ratio, "initial_grid": lr_grid(center, points, ratio),
+    if not neighbours:
+        tuned, interior = best, bracketed
+    return {"center": center, "ratio": ratio, "initial_grid": lr_grid(center, points, ratio), "neighbours": neighbours,
             "grid": sorted(first), "seed0_final": {repr(lr): first[lr] for lr in sorted(first)},
             "extensions": extensions, "best_seed0": best, "bracketed": bracketed,
             "seeded_lrs": sorted(means), "mean_final": {repr(lr): means[lr] for lr in sorted(means)},
@@ -476,11 +487,19 @@ def ratios(method: dict[str, Any], reference: dict[str, Any], method_cost: float
 
 def flattening(curve: list[list[float]], steps: int, window: float = FLATTENING_WINDOW) -> dict[str, Any]:
     """The relative improvement of a training-loss curve over the last ``window`` of the budget (a Theil-Sen
-    line through the evaluations there, and the two endpoints; ``benchmarks.convergence.flattening``)."""
+    line through the evaluations there, and the two endpoints; ``benchmarks.convergence.flattening``), and
+    the endpoints' drop as a share of the initial loss (``absolute_share``), which is the meaningful one
+    when the loss falls towards zero."""
     from benchmarks.convergence import flattening as suite_flattening
 
     points = [{"step": s, "val_loss": loss} for s, loss, *_ in curve]
-    return suite_flattening(points, steps, window) if len(points) >= 2 else {}
+    if len(points) < 2:
+        return {}
+    out = suite_flattening(points, steps, window)
+    start = min(points, key=lambda p: (abs(p["step"] - (1.0 - window) * steps), -p["step"]))["val_loss"]
+    initial = points[0]["val_loss"]
+    out["absolute_share"] = (start - points[-1]["val_loss"]) / initial if initial else None
+    return out
 
 
 def mean_curve(runs: list[dict[str, Any]]) -> list[list[float]]:
@@ -552,6 +571,7 @@ def probe_after(task: RegimeTask, data: RegimeData, batch: int, method: Method, 
     try:
         report = probe_training(model, lambda: model(*current), optimizer,
                                 batches=[lambda c=c: model(*c) for c in chunks], batch_size=batch, chunk_size=chunk,
+                                dataset_size=data.rows,
                                 max_rank=max_rank, metric_order=min(32, 2 * max_rank), step_seconds=step_seconds,
                                 step=steps, seed=seed)
         out = report.as_dict()
@@ -575,7 +595,7 @@ def agreement(regime: str, best_dho2_time_ratio: float | None) -> dict[str, Any]
 def run_setting(task: RegimeTask, data: RegimeData, batch: int, methods: list[Method], seeds: list[int],
                 max_extensions: int = MAX_EXTENSIONS, lockstep: tuple[int, int, bool] = (LOCKSTEP_WARMUP,
                 LOCKSTEP_TIMED, True), probe_rank: int = PROBE_MAX_RANK,
-                centers: dict[str, float] | None = None) -> dict[str, Any]:
+                centers: dict[str, float] | None = None, neighbours: bool = True) -> dict[str, Any]:
     """The whole protocol at one (task, batch): tuning, target, race, lockstep cost, probes, agreement."""
     started = time.perf_counter()
     budget = task.budgets[batch]
@@ -592,7 +612,7 @@ def run_setting(task: RegimeTask, data: RegimeData, batch: int, methods: list[Me
             return runs[method.name][key]["final_loss"]
 
         center = (centers or {}).get(method.name) or task.lr_center(method.name, method.anchor)
-        tuning[method.name] = tune_lr(center, final_loss, seeds, max_extensions=max_extensions)
+        tuning[method.name] = tune_lr(center, final_loss, seeds, max_extensions=max_extensions, neighbours=neighbours)
     tuned = {name: t["tuned_lr"] for name, t in tuning.items()}
     tuned_runs = {name: [runs[name][(tuned[name], s)] for s in seeds] for name in tuned}
     candidates = {name: _mean([r["final_loss"] for r in tuned_runs[name]]) for name in TARGET_METHODS if name in tuned}
@@ -665,7 +685,8 @@ def markdown(payload: dict[str, Any]) -> str:
             lines += [f"### batch {batch} ({setting['budget']} steps)", "",
                       f"Target {target['value']:.5g} ({target['method']} at lr {target['lr']:g}). Tuned AdamW's mean "
                       f"curve improved {_f(flat.get('endpoints'), '.1%')} over the last 20% of the budget "
-                      f"(fitted {_f(flat.get('fitted'), '.1%')}).", "",
+                      f"(fitted {_f(flat.get('fitted'), '.1%')}; {_f(flat.get('absolute_share'), '.2%')} of the "
+                      "initial loss).", "",
                       "| method | tuned lr | final loss | steps to target | step ratio | cost ratio | time ratio | lost on |",
                       "|---|---|---|---|---|---|---|---|"]
             for method, race in setting["race"].items():
@@ -779,6 +800,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help='extra DHO2 variants: a JSON object {"name": {DHO2 kwargs}} or a path to one; an '
                              '"lr_center" key sets the grid centre')
     parser.add_argument("--max-extensions", type=int, default=MAX_EXTENSIONS)
+    parser.add_argument("--no-neighbours", action="store_true",
+                        help="seed only the best lr of the seed-0 grid, not its two neighbours (a third of the runs)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared machine)")
     parser.add_argument("--output-name", default=None, help="results name or path (default regimes / regimes_quick)")
     return parser
@@ -810,6 +833,7 @@ def main(argv: list[str] | None = None, variants: dict[str, dict[str, Any]] | No
         "benchmark": "regimes", "git": _git_state(),
         "settings": {"quick": args.quick, "seeds": seeds, "threads": args.threads, "grid_points": GRID_POINTS,
                      "lr_ratio": LR_RATIO, "max_extensions": args.max_extensions, "win_factor": WIN_FACTOR,
+                     "seeded_neighbours": not args.no_neighbours,
                      "lockstep": {"warmup": lockstep[0], "timed": lockstep[1], "after_first_refresh": lockstep[2]},
                      "probe": {"max_rank": 4 if args.quick else PROBE_MAX_RANK, "after": "budget // 2 steps",
                                "noise_chunks": 8},
@@ -832,7 +856,8 @@ def main(argv: list[str] | None = None, variants: dict[str, dict[str, Any]] | No
             if keep is not None and batch not in keep:
                 continue
             result = run_setting(task, data, batch, methods, seeds, args.max_extensions, lockstep,
-                                 probe_rank=payload["settings"]["probe"]["max_rank"], centers=variant_centers(variants))
+                                 probe_rank=payload["settings"]["probe"]["max_rank"], centers=variant_centers(variants),
+                                 neighbours=not args.no_neighbours)
             entry["batches"][str(batch)] = result
             payload["wall_seconds"] = time.perf_counter() - started
             _write(name, payload)  # after every (task, batch): a long run keeps what it finished

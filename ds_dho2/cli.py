@@ -7,7 +7,7 @@ as one process, or as the program of a launcher: ``torchrun ... $(which ds-dho2)
 ``ds-dho2 probe [--steps N] [--max-rank K] [--output FILE] SCRIPT [ARGS...]`` runs a script the same way with
 hooks that find its model, loss and optimizer, stops it after N optimizer steps and reports whether DHO2 can
 help it (:mod:`ds_dho2.probe`).
-``ds-dho2 to-universal INPUT_FOLDER OUTPUT_FOLDER`` converts a DeepSpeed ZeRO-1/2 checkpoint with DHO2 state
+``ds-dho2 to-universal INPUT_FOLDER OUTPUT_FOLDER`` converts a DeepSpeed ZeRO-1/2/3 checkpoint with DHO2 state
 into a universal checkpoint, which loads at any data-parallel world size
 (:mod:`ds_dho2.integrations.universal`).
 
@@ -241,7 +241,10 @@ def run_probe(options: argparse.Namespace, launcher_flags: list[str]) -> int:
         logger.warning("%s probe: the script ended after %d of %d steps; probing at its last step.", PROG,
                        capture.steps, options.steps)
     try:
-        report = probe_training(**capture.probe_arguments(), max_rank=options.max_rank)
+        arguments = capture.probe_arguments()
+        if options.dataset_size is not None:
+            arguments["dataset_size"] = options.dataset_size
+        report = probe_training(**arguments, max_rank=options.max_rank)
     except ProbeError as error:
         return fail(error)
     finally:
@@ -281,11 +284,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "and its outliers, the share of the last step in their subspace, lr x lambda_max against the "
                     "base optimizer's stability limit, the gradient noise scale against the batch size, and a "
                     "verdict. One process only.",
-        usage=f"{PROG} probe [-h] [--steps N] [--max-rank K] [--output FILE] [-m] TARGET [ARGS ...]")
+        usage=f"{PROG} probe [-h] [--steps N] [--max-rank K] [--dataset-size N] [--output FILE] [-m] TARGET "
+              "[ARGS ...]")
     probe.add_argument("--steps", type=_positive, default=200, metavar="N",
                        help="optimizer steps to train before probing (default 200)")
     probe.add_argument("--max-rank", type=_positive, default=32, metavar="K",
                        help="largest subspace considered; choose it above the number of classes (default 32)")
+    probe.add_argument("--dataset-size", type=_positive, default=None, metavar="N",
+                       help="training examples the batches are drawn from (default: the Trainer's train_dataset or "
+                            "the DeepSpeed engine's training_data, when the script has one); a batch near N meets "
+                            "less gradient noise, none at full batch")
     probe.add_argument("--output", metavar="FILE", help="also write the report as JSON to FILE")
     probe.add_argument("-m", dest="module", action="store_true", help="TARGET is a module name, as in python -m")
     probe.add_argument("target", metavar="TARGET", nargs="?", help="script path (or module name with -m)")
@@ -293,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="arguments passed to the script unchanged")
     universal = sub.add_parser(
         "to-universal", help="convert a DeepSpeed checkpoint with DHO2 state into a universal checkpoint",
-        description="Convert one tag folder of a DeepSpeed ZeRO-1/2 checkpoint with DHO2 state (AdamW or "
+        description="Convert one tag folder of a DeepSpeed ZeRO-1/2/3 checkpoint with DHO2 state (AdamW or "
                     "heavy-ball base) into a universal checkpoint that loads at any data-parallel world size with "
                     "\"checkpoint\": {\"load_universal\": true}. DeepSpeed's own ds_to_universal drops DHO2's "
                     "curvature state. OUTPUT_FOLDER is usually INPUT_FOLDER's sibling, e.g. "

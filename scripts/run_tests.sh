@@ -6,7 +6,8 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-bash scripts/setup_env.sh || { echo "[run_tests] environment setup failed" >&2; exit 1; }
+# the bench extra too: the tests check the benchmarks' peer optimizers and generated data
+DS_DHO2_EXTRAS="${DS_DHO2_EXTRAS:-dev,bench}" bash scripts/setup_env.sh || { echo "[run_tests] environment setup failed" >&2; exit 1; }
 # shellcheck disable=SC1091
 source .venv/bin/activate
 

@@ -34,7 +34,8 @@ from ds_dho2.hvp.strategies import ProductSession, hvp_context
 from ds_dho2.probe import measures
 from ds_dho2.probe.hooks import (BaseOptimizer, ProbeError, StepRecorder, TrainingCapture, last_step_from_state,
                                  read_base_optimizer)
-from ds_dho2.probe.report import DEFAULT_RANK, EIGENVALUE_FLOOR, OUTLIER_GAP, REFRESH_INTERVAL, ProbeReport, judge
+from ds_dho2.probe.report import (DEFAULT_RANK, EIGENVALUE_FLOOR, OUTLIER_GAP, REFRESH_INTERVAL, ProbeReport,
+                                  batch_noise_scale, judge)
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ _FALLBACKS = (HVPMethod.REVERSE, HVPMethod.FORWARD, HVPMethod.FINITE_DIFFERENCE)
 
 def probe_training(model: torch.nn.Module, loss_closure: LossClosure, optimizer: Any, *,
                    batches: Sequence[LossClosure] | None = None, batch_size: float | None = None,
-                   chunk_size: float | None = None, max_rank: int = 32, lanczos_order: int | None = None,
+                   chunk_size: float | None = None, dataset_size: float | None = None, max_rank: int = 32,
+                   lanczos_order: int | None = None,
                    metric_order: int | None = None, last_step: torch.Tensor | None = None,
                    step_seconds: float | None = None, step: int | None = None, hvp: str = "reverse",
                    lanczos_dtype: torch.dtype = torch.float32, seed: int = 0) -> ProbeReport:
@@ -62,6 +64,8 @@ def probe_training(model: torch.nn.Module, loss_closure: LossClosure, optimizer:
       the chunks are the small batches, their union the big one); ``chunk_size``: examples per chunk
       (default ``batch_size / len(batches)``); ``batch_size``: the examples one optimizer step averages
       over, the ``B`` compared with ``B_noise``. Without ``batches`` the noise scale is not measured.
+      ``dataset_size``: the number of training examples batches are drawn from, if known; the noise a
+      batch meets is then ``B_noise (1 - B/N)`` (none at full batch).
     * ``max_rank``: the largest subspace considered; the outlier rule looks at the top ``max_rank``
       eigenvalues (choose it above the number of classes). ``lanczos_order``: products for the Hessian
       (default ``2 max_rank + 16``, capped at the parameter count); ``metric_order``: products for the
@@ -126,14 +130,17 @@ def probe_training(model: torch.nn.Module, loss_closure: LossClosure, optimizer:
         notes.append(f"Lanczos stopped after {spectrum.iterations} of {order} products ({spectrum.stop_reason})")
     regime, verdict = judge(batch_size=batch_size, noise_scale=None if noise is None else noise.b_noise,
                             noise_big_batch=None if noise is None else noise.big, stability_ratio=ratio,
-                            outliers=outliers, subspace_rank=rank, lift=lift, step_cost=step_cost, max_rank=max_rank)
+                            outliers=outliers, subspace_rank=rank, lift=lift, step_cost=step_cost, max_rank=max_rank,
+                            dataset_size=dataset_size)
     report = ProbeReport(
         step=step, parameters=n, loss=loss, optimizer=base.name, base=base.family, lr=base.lr,
-        batch_size=None if batch_size is None else float(batch_size), max_rank=max_rank,
+        batch_size=None if batch_size is None else float(batch_size),
+        dataset_size=None if not dataset_size else float(dataset_size), max_rank=max_rank,
         eigenvalues=[float(v) for v in values[: max_rank + 1]], lanczos_products=spectrum.iterations,
         outliers=outliers, outlier_gap=outlier_gap, subspace_rank=rank, subspace_share=share, metric=base.metric,
         metric_lambda_max=metric_lambda, lr_lambda_max=lr_lambda, stability_limit=base.stability_limit,
         stability_ratio=ratio, noise_scale=None if noise is None else noise.b_noise,
+        batch_noise_scale=None if noise is None else batch_noise_scale(noise.b_noise, batch_size, dataset_size),
         trace_sigma=None if noise is None else noise.trace_sigma, grad_sq=None if noise is None else noise.grad_sq,
         noise_chunks=None if noise is None else noise.chunks, chunk_size=None if noise is None else noise.small,
         gradient_seconds=gradient_seconds, product_seconds=product_seconds, projection_seconds=projection,

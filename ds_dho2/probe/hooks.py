@@ -554,8 +554,21 @@ class TrainingCapture:
             batch_size = None
         return {"model": model, "loss_closure": functools.partial(loss_of, args, kwargs), "optimizer": optimizer,
                 "batches": batches, "batch_size": batch_size, "chunk_size": chunk_size,
+                "dataset_size": self.dataset_size(),
                 "last_step": _delta_for(self._deltas, params), "step_seconds": self.step_seconds,
                 "step": self.steps}
+
+    def dataset_size(self) -> int | None:
+        """The training set's size where the run names one: the Trainer's ``train_dataset`` or the dataset of
+        the DeepSpeed engine's own dataloader (``training_data=``); None otherwise."""
+        holders = [getattr(self.trainer, "train_dataset", None),
+                   getattr(getattr(self.engine, "training_dataloader", None), "dataset", None)]
+        for dataset in holders:
+            try:
+                return int(len(dataset)) if dataset is not None else None
+            except TypeError:  # an iterable dataset has no length
+                continue
+        return None
 
     def _loss_function(self, model: torch.nn.Module) -> Callable[[tuple, dict], torch.Tensor]:
         """``(args, kwargs) -> loss``: the model's own loss, else the Trainer's ``compute_loss``."""

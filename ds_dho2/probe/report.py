@@ -4,7 +4,9 @@ The verdict follows docs/design.md, "Where hybrid order pays": steps to a target
 ``S = S_min (1 + B_noise / B)`` (McCandlish et al. 2018), and curvature changes only ``S_min``. So:
 
 1. **noise-limited** when the batch ``B`` is below the noise scale: most steps are spent averaging noise,
-   which no curvature step removes;
+   which no curvature step removes. When the training set's size ``N`` is known, batches are drawn
+   without replacement and the noise of a batch mean shrinks by ``1 - B/N`` (the finite-population
+   correction), so the scale compared with ``B`` is ``B_noise (1 - B/N)``: a full batch has none;
 2. otherwise **curvature-limited** when the base optimizer's ``lr x lambda_max`` (in its own metric)
    is near its stability limit: the sharpest directions hold the learning rate down, which is what a
    Newton step in their subspace (and, with the heavy-ball base, a larger step in the rest) can change;
@@ -72,7 +74,9 @@ class ProbeReport:
     the top ``subspace_rank`` eigenvectors). Stability: ``metric_lambda_max`` (the top eigenvalue in the
     base optimizer's metric), ``lr_lambda_max``, ``stability_limit`` and their ``stability_ratio``. Noise:
     ``noise_scale`` (``B_noise``, examples; ``inf`` when the batch did not resolve the mean gradient),
-    ``trace_sigma``, ``grad_sq``, ``noise_chunks`` x ``chunk_size``, against ``batch_size``. Cost:
+    ``trace_sigma``, ``grad_sq``, ``noise_chunks`` x ``chunk_size``; ``batch_noise_scale`` is
+    ``B_noise (1 - B/N)`` with ``N = dataset_size`` (``B_noise`` when the size is unknown), the scale the
+    ``batch_size`` is compared with. Cost:
     ``step_cost`` (DHO2's extra time per step as a fraction of a step) from ``projection_seconds``,
     ``product_seconds``, ``step_seconds``. ``regime`` is one of ``noise-limited``, ``curvature-limited``,
     ``lr-limited``, ``undetermined``; ``verdict`` says it in words; ``notes`` lists what could not be
@@ -86,6 +90,7 @@ class ProbeReport:
     base: str | None
     lr: float
     batch_size: float | None
+    dataset_size: float | None
     max_rank: int
     eigenvalues: list[float]
     lanczos_products: int
@@ -99,6 +104,7 @@ class ProbeReport:
     stability_limit: float | None
     stability_ratio: float | None
     noise_scale: float | None
+    batch_noise_scale: float | None
     trace_sigma: float | None
     grad_sq: float | None
     noise_chunks: int | None
@@ -157,6 +163,9 @@ class ProbeReport:
                      f"above {size} examples (the mean gradient was not resolved from the noise)")
             lines.append(f"  gradient noise scale B_noise = tr(Sigma) / |G|^2: {value} (from {self.noise_chunks} "
                          f"chunks of {_number(self.chunk_size)}), batch {_number(self.batch_size)}")
+            if self.dataset_size and self.batch_noise_scale is not None:
+                lines.append(f"  drawn from {_count(self.dataset_size)} examples: B_noise (1 - B/N) = "
+                             f"{_number(self.batch_noise_scale, '.4g')}")
         if self.step_cost is not None:
             lines.append(f"  DHO2 cost: ~{self.step_cost:.0%} per step at rank {self.subspace_rank} (projection "
                          f"{_ms(self.projection_seconds)}, {2 * self.subspace_rank} products of "
@@ -196,22 +205,39 @@ def _cost_words(step_cost: float | None) -> str:
             else f"DHO2 will cost ~{max(step_cost, 0.0):.0%} per step")
 
 
+def batch_noise_scale(noise_scale: float | None, batch_size: float | None,
+                      dataset_size: float | None) -> float | None:
+    """``B_noise (1 - B/N)``: the noise scale a batch of ``B`` drawn without replacement from ``N`` examples
+    meets (``B_noise`` when ``N`` is unknown; 0 for a full batch, whatever ``B_noise`` is)."""
+    if noise_scale is None or batch_size is None or not dataset_size:
+        return noise_scale
+    correction = max(0.0, 1.0 - float(batch_size) / float(dataset_size))
+    return 0.0 if correction == 0.0 else noise_scale * correction
+
+
 def judge(*, batch_size: float | None, noise_scale: float | None, noise_big_batch: float | None,
           stability_ratio: float | None, outliers: int, subspace_rank: int, lift: float | None,
-          step_cost: float | None, max_rank: int) -> tuple[str, str]:
+          step_cost: float | None, max_rank: int, dataset_size: float | None = None) -> tuple[str, str]:
     """``(regime, verdict)`` from the measured quantities, by the rules of the module docstring.
 
     ``lift`` is ``|lambda_1| / |lambda_{k+1}|`` for the subspace rank ``k``: how far taking the top ``k``
     directions out of the base step's hands raises its stability limit. ``noise_big_batch`` is the
     largest batch the noise estimate used (the bound to quote when the noise scale came out infinite).
+    ``dataset_size``: the training set's size, for the finite-population correction
+    (:func:`batch_noise_scale`).
     """
     cost = _cost_words(step_cost)
+    raw_noise_scale = noise_scale
+    noise_scale = batch_noise_scale(noise_scale, batch_size, dataset_size)
     if noise_scale is not None and batch_size is not None and batch_size < NOISE_BATCH_RATIO * noise_scale:
         if math.isinf(noise_scale):
             about = (f"the gradient of a batch of {_number(noise_big_batch)} did not rise above its noise, so "
                      f"B_noise exceeds it")
         else:
             about = f"expect no step savings below a batch of about {_count(noise_scale)}"
+            if dataset_size and raw_noise_scale is not None and math.isfinite(raw_noise_scale):
+                about += (f" (B_noise {_count(raw_noise_scale)} x (1 - B/N) for a training set of "
+                          f"{_count(float(dataset_size))})")
         return NOISE_LIMITED, f"noise-limited at batch {_number(batch_size)}: {about}; {cost}"
     if stability_ratio is None:
         unmeasured = "" if noise_scale is not None else " and the noise scale was not measured"
@@ -228,13 +254,17 @@ def judge(*, batch_size: float | None, noise_scale: float | None, noise_big_batc
             f"curvature-limited, but no eigenvalue stands {OUTLIER_GAP:g}x above the next among the top "
             f"{max_rank}: a rank-{subspace_rank} subspace lifts the stability limit only by lambda_1 / "
             f"lambda_{subspace_rank + 1} = {_number(lift, '.3g')}, so expect little from DHO2; {cost}")
-    noise = ("" if noise_scale is None else
-             f" and the batch {_number(batch_size)} is above the noise scale {_count(noise_scale)}")
+    if noise_scale is None:
+        noise = ""
+    elif noise_scale == 0.0:
+        noise = f" and the batch {_number(batch_size)} is the whole training set (no sampling noise)"
+    else:
+        noise = f" and the batch {_number(batch_size)} is above the noise scale {_count(noise_scale)}"
     return LR_LIMITED, (
         f"lr-limited: lr x lambda_max is only {_percent(stability_ratio)} of the base optimizer's stability "
         f"limit{noise}; raise the learning rate before trying DHO2 (a curvature step cannot help while curvature does not hold "
         f"the base step back); {cost}")
 
 
-__all__ = ["CURVATURE_LIMITED", "DEFAULT_RANK", "EIGENVALUE_FLOOR", "LR_LIMITED", "NOISE_BATCH_RATIO", "NOISE_LIMITED", "OUTLIER_GAP",
+__all__ = ["batch_noise_scale", "CURVATURE_LIMITED", "DEFAULT_RANK", "EIGENVALUE_FLOOR", "LR_LIMITED", "NOISE_BATCH_RATIO", "NOISE_LIMITED", "OUTLIER_GAP",
            "ProbeReport", "REFRESH_INTERVAL", "STABILITY_FRACTION", "UNDETERMINED", "judge"]

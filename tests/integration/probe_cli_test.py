@@ -71,6 +71,9 @@ def test_probe_on_an_unmodified_hugging_face_trainer_script(tmp_path: Path) -> N
     data = check_report(proc, output, step=4)
     assert data["optimizer"] == "AdamW" and data["base"] == "adamw" and data["lr"] > 0
     assert data["parameters"] == 5 and data["batch_size"] == 4
+    assert data["dataset_size"] == 64  # len(trainer.train_dataset): the finite-population correction applies
+    if data["noise_scale"] != "inf":
+        assert data["batch_noise_scale"] == pytest.approx(data["noise_scale"] * (1 - 4 / 64))
     assert data["stability_limit"] == pytest.approx(38.0)
     assert "TRAINED" not in proc.stdout  # the script was stopped at the probe's step
 
@@ -87,6 +90,7 @@ def test_probe_on_a_plain_deepspeed_loop_under_zero2(tmp_path: Path) -> None:
     data = check_report(proc, output, step=3)
     assert data["optimizer"] == "FusedAdam" and data["base"] == "adamw"  # engine.basic_optimizer
     assert data["parameters"] == 161 and data["batch_size"] == 4 and data["max_rank"] == 8
+    assert data["dataset_size"] is None  # a hand-written loop names no dataset size
     assert "BASIC_OPTIMIZER=" not in proc.stdout  # stopped after 3 of its 6 steps
 
 
@@ -98,8 +102,10 @@ def test_probe_of_dho2_heavy_ball_on_a_script_that_ends_first(tmp_path: Path) ->
                                                                            "base": "heavyball"}},
                                   "zero_optimization": {"stage": 0}}))
     output = tmp_path / "report.json"
-    proc = probe(["--steps", "50", "--output", str(output), str(DS_SCRIPT), str(config)], cwd=tmp_path)
+    proc = probe(["--steps", "50", "--dataset-size", "24", "--output", str(output), str(DS_SCRIPT), str(config)],
+                 cwd=tmp_path)
     data = check_report(proc, output, step=6)  # the script trains 6 steps: probed at its last
+    assert data["dataset_size"] == 24 and "drawn from 24 examples" in proc.stdout
     assert "the script ended after 6 of 50 steps" in proc.stderr
     assert data["optimizer"] == "DHO2 (base heavyball)" and data["base"] == "heavyball"
     assert data["stability_limit"] == pytest.approx(2 * 1.9) and data["max_rank"] == 32
@@ -128,5 +134,5 @@ def test_probe_help_is_its_own(capsys) -> None:
         cli.main(["probe", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith("usage: ds-dho2 probe [-h] [--steps N] [--max-rank K] [--output FILE] [-m] TARGET "
-                          "[ARGS ...]\n")
+    assert out.startswith("usage: ds-dho2 probe [-h] [--steps N] [--max-rank K] [--dataset-size N] [--output FILE] "
+                          "[-m] TARGET [ARGS ...]\n")

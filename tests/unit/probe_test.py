@@ -308,6 +308,24 @@ def test_judge_thresholds() -> None:
     assert regime == report.UNDETERMINED
 
 
+def test_finite_population_correction_removes_the_noise_of_a_full_batch() -> None:
+    """Batches drawn without replacement from N examples meet B_noise (1 - B/N): a full batch meets none, so the
+    verdict cannot be noise-limited there however large B_noise came out."""
+    assert report.batch_noise_scale(2000.0, 1000, 4000) == pytest.approx(1500.0)
+    assert report.batch_noise_scale(2000.0, 4000, 4000) == 0.0
+    assert report.batch_noise_scale(math.inf, 4000, 4000) == 0.0
+    assert report.batch_noise_scale(2000.0, 1000, None) == 2000.0
+    common = dict(outliers=3, subspace_rank=3, lift=8.0, step_cost=0.2, max_rank=32, noise_big_batch=512.0,
+                  stability_ratio=0.9)
+    regime, _ = report.judge(batch_size=1000, noise_scale=1200.0, **common)
+    assert regime == report.NOISE_LIMITED  # unknown N: compared with B_noise itself
+    regime, _ = report.judge(batch_size=1000, noise_scale=1200.0, dataset_size=4000, **common)
+    assert regime == report.CURVATURE_LIMITED  # 1200 x (1 - 1000/4000) = 900 < 1000
+    regime, text = report.judge(batch_size=4000, noise_scale=math.inf, dataset_size=4000,
+                                **{**common, "stability_ratio": 0.1})
+    assert regime == report.LR_LIMITED and "is the whole training set (no sampling noise)" in text
+
+
 def test_read_base_optimizer_families() -> None:
     params = [torch.nn.Parameter(torch.ones(3))]
     sgd = read_base_optimizer(torch.optim.SGD(params, lr=0.1, momentum=0.9, dampening=0.5), params)
