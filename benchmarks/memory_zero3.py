@@ -63,7 +63,8 @@ def rank_worker(rank: int, world: int, quick: bool, micro: int) -> dict:
 
     partitioned.PartitionedFiniteDifference.__init__ = counting
     params = {"lr": 1e-4, "warmup_steps": WARMUP, "refresh_interval": INTERVAL,
-              "curvature": {"mode": "interleaved", "iterations_per_step": ITERS_PER_STEP}}
+              "curvature": {"mode": "interleaved", "iterations_per_step": ITERS_PER_STEP,
+                            "back_off": False}}  # the memory of a curvature in use, not of a dormant one
     config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
               "optimizer": {"type": "DHO2", "params": params}, "steps_per_print": 10 ** 9,
               "zero_optimization": {"stage": 3, "sub_group_size": 10 ** 12, "stage3_param_persistence_threshold": 0}}

@@ -297,33 +297,42 @@ def charlm_model(seed: int) -> torch.nn.Module:
 
 
 # ------------------------------------------------------------------------------------------ registry
+_INTERPOLATES = ("The model can fit its training set: the training loss falls towards zero like a power law, so "
+                 "its relative improvement over the last 20% of any budget stays large (about 35%) while the "
+                 "absolute one, as a share of the initial loss, is below 0.1% (both are in the JSON).")
+
 def make_regime_tasks(quick: bool = False) -> dict[str, RegimeTask]:
     """The task set. ``quick``: two cheap tasks at two batches each with tiny budgets (CI smoke test)."""
     autoencoder = RegimeTask(
         name="autoencoder", description="deep tanh autoencoder 64-48-32-16-6-16-32-48-64 on all 1,797 digits",
         build_model=seeded(lambda: MLP([64, 48, 32, 16, 6, 16, 32, 48, 64], torch.nn.Tanh, reconstruct=True)),
         load_data=digits_all, loss="mean squared reconstruction error per pixel (pixels in [0, 1])",
-        budgets={128: 1500, 1797: 1500}, anchors={"adamw": 3e-3, "sgd": 0.3},
+        budgets={128: 3000, 1797: 3000}, anchors={"adamw": 1e-2, "sgd": 2.0}, eval_points=30,
         notes="A 6-unit bottleneck behind three tanh layers: the deep-autoencoder benchmark of the second-order "
-              "literature, at a size that runs on 2 cores.")
+              "literature, at a size that runs on 2 cores. Its loss falls in plateaus and steps: in calibration tuned "
+              "AdamW still improved 4-6% over the last 20% of a 3,000-step budget (1.6-8% at 4,000).")
     mnist = RegimeTask(
         name="mnist1d", description="MLP 40-128-128-10 (ReLU) on MNIST-1D, 4,000 train examples",
         build_model=seeded(lambda: MLP([40, 128, 128, 10], torch.nn.ReLU)), load_data=mnist1d,
-        loss="mean cross-entropy", budgets={32: 1500, 256: 1500, 4000: 1500}, anchors={"adamw": 3e-3, "sgd": 0.05})
+        loss="mean cross-entropy", budgets={32: 4000, 256: 1500, 4000: 800}, anchors={"adamw": 4e-3, "sgd": 0.07},
+        notes=_INTERPOLATES)
     digits = RegimeTask(
         name="digits", description="MLP 64-128-128-10 (GELU, the convergence suite's) on 1,437 digits",
         build_model=seeded(_digits_mlp), load_data=digits_split, loss="mean cross-entropy",
-        budgets={32: 800, 256: 800, 1437: 800}, anchors={"adamw": 3e-3, "sgd": 0.1})
+        budgets={32: 1000, 256: 600, 1437: 600}, anchors={"adamw": 5e-3, "sgd": 0.15}, notes=_INTERPOLATES)
     sst2 = RegimeTask(
         name="sst2", description="MLP head 384-256-2 (GELU) on frozen mean-pooled MiniLM features, 4,000 SST-2 "
                                  "train sentences",
         build_model=seeded(lambda: MLP([384, 256, 2], torch.nn.GELU)), load_data=sst2_features,
-        loss="mean cross-entropy", budgets={32: 1000, 4000: 1000}, anchors={"adamw": 1e-3, "sgd": 0.1})
+        loss="mean cross-entropy", budgets={32: 2000, 4000: 500}, anchors={"adamw": 3e-3, "sgd": 0.5},
+        notes=_INTERPOLATES)
     charlm = RegimeTask(
         name="charlm", description="char-level GPT-2 (2x64, 4 heads, block 64) on 1,024 tinyshakespeare blocks",
         build_model=charlm_model, load_data=charlm_blocks, loss="mean next-character cross-entropy (nats)",
-        budgets={16: 400, 128: 300}, anchors={"adamw": 4.5e-3, "sgd": 0.3}, eval_points=16,
-        notes="The expensive task: budgets are short, so AdamW is still improving at the end (see flattening).")
+        budgets={16: 400, 128: 250}, anchors={"adamw": 6e-3, "sgd": 0.5}, eval_points=16,
+        notes="The expensive task (one full-batch evaluation of the 1,024 blocks costs about 25 steps at batch 16), "
+              "so budgets are short: in calibration AdamW still improved 2.5% (batch 16) and 6% (batch 128) over "
+              "the last 20% of the budget.")
     if quick:
         return {"autoencoder": dataclasses.replace(autoencoder, budgets={128: 60, 1797: 60}, eval_points=6),
                 "digits": dataclasses.replace(digits, budgets={32: 60, 1437: 60}, eval_points=6)}

@@ -78,7 +78,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, lr: float, max_step
                    help="DeepSpeed JSON for DHO2 (default: the accelerate plugin's file, else "
                         "recipes/configs/dho2_zero2.json)")
     d.add_argument("--adamw-config", default=str(CONFIG_DIR / "adamw_zero2.json"), help="DeepSpeed JSON for AdamW")
-    d.add_argument("--zero-stage", type=int, choices=(0, 1, 2), default=None, help="override zero_optimization.stage")
+    d.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None,
+                   help="override zero_optimization.stage")
     h = parser.add_argument_group("DHO2 (override the config file)")
     h.add_argument("--rank", type=int, default=None, help="curvature subspace dimension k")
     h.add_argument("--lanczos-order", type=int, default=None, help="Lanczos iterations per refresh")
@@ -86,6 +87,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, lr: float, max_step
     h.add_argument("--warmup-steps", type=int, default=None, help="steps before the first refresh")
     h.add_argument("--alpha", type=float, default=None, help="Newton step size in the subspace")
     h.add_argument("--lanczos-dtype", choices=("float64", "float32"), default=None)
+    h.add_argument("--no-back-off", action="store_true",
+                   help="keep the curvature even where the Newton step carries less than curvature.payoff_share "
+                        "of the update (by default DHO2 then steps as its base optimizer)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     return parser
 
@@ -94,7 +98,18 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, lr: float, max_step
 def dho2_overrides(args: argparse.Namespace) -> dict[str, Any]:
     names = {"rank": "rank", "lanczos_order": "lanczos_order", "refresh_interval": "refresh_interval",
              "warmup_steps": "warmup_steps", "alpha": "alpha", "lanczos_dtype": "lanczos_dtype"}
-    return {key: getattr(args, attr) for attr, key in names.items() if getattr(args, attr) is not None}
+    out = {key: getattr(args, attr) for attr, key in names.items() if getattr(args, attr) is not None}
+    if getattr(args, "no_back_off", False):
+        out["curvature"] = {"back_off": False}
+    return out
+
+
+def apply_dho2_overrides(params: dict[str, Any], args: argparse.Namespace) -> None:
+    """Write the command-line DHO2 settings into ``params`` (a ``curvature`` block is merged, not replaced)."""
+    overrides = dho2_overrides(args)
+    if "curvature" in overrides:
+        params["curvature"] = {**params.get("curvature", {}), **overrides.pop("curvature")}
+    params.update(overrides)
 
 
 def deepspeed_config(optimizer: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -108,7 +123,7 @@ def deepspeed_config(optimizer: str, args: argparse.Namespace) -> dict[str, Any]
     if optimizer == "dho2":
         if config.get("optimizer", {}).get("type", "").upper() != "DHO2":
             raise SystemExit(f"{path} does not select optimizer type DHO2")
-        config["optimizer"].setdefault("params", {}).update(dho2_overrides(args))
+        apply_dho2_overrides(config["optimizer"].setdefault("params", {}), args)
     if args.zero_stage is not None:
         config.setdefault("zero_optimization", {})["stage"] = args.zero_stage
     return config
@@ -120,7 +135,7 @@ def dho2_params(args: argparse.Namespace) -> dict[str, Any]:
     with open(path, encoding="utf-8") as fh:
         params = dict(json.load(fh)["optimizer"].get("params", {}))
     params = {k: v for k, v in params.items() if v != "auto"}
-    params.update(dho2_overrides(args))
+    apply_dho2_overrides(params, args)
     params.update(lr=args.lr, weight_decay=args.weight_decay)
     return params
 

@@ -214,7 +214,9 @@ class StrategyChooser:
         trial = _Trial(inputs, probe)
         for method in candidates:
             if method is HVPMethod.FORWARD and any(m in trial.sessions for m in (HVPMethod.REVERSE, HVPMethod.GRAPH)):
-                continue  # the slowest exact mode: only a fallback
+                trial.measured[method] = {"available": False, "measured": False,
+                                          "error": "not measured: the slowest exact mode is only a fallback"}
+                continue
             trial.open(method)
         trial.time_rounds()
         trial.settle(expected_products, self._disagreeing)
@@ -239,6 +241,7 @@ class StrategyChooser:
         summary = ", ".join(
             f"{m.value} {info['gradients_per_product']:.2f}" if "gradients_per_product" in info else
             f"{m.value} {info['seconds_per_product'] * 1e3:.1f} ms" if info.get("available") else
+            f"{m.value} not measured" if info.get("measured") is False else
             f"{m.value} unavailable" for m, info in trial.measured.items())
         logger.info("DHO2 hvp 'auto' chose %s (cost per product%s: %s).", chosen.value,
                     " in gradients" if unit else "", summary)

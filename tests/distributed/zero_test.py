@@ -38,7 +38,8 @@ M = 16  # lanczos order of the interleaved runs
 
 #: interleaved refresh: starts at step 2, one Lanczos iteration per step, finishes at step 2 + M - 1.
 INTERLEAVED = {"lr": 1e-2, "rank": K, "lanczos_order": M, "refresh_interval": 20, "warmup_steps": 2,
-               "hvp": "reverse", "curvature": {"mode": "interleaved", "iterations_per_step": 1, "batch_fraction": 1.0}}
+               "hvp": "reverse", "curvature": {"mode": "interleaved", "iterations_per_step": 1, "batch_fraction": 1.0,
+                             "back_off": False}}
 INTERLEAVED_STEPS = 2 + M  # refresh finishes at step 17, one more step with the new basis
 MID_REFRESH_STEP = 5
 
@@ -46,7 +47,8 @@ MID_REFRESH_STEP = 5
 #: single-process run; config-only registration (no model_parameters, no client optimizer).
 #: the product strategy is pinned: ``auto`` chooses by timing, and the reference (a separate process)
 #: may time its candidates differently and take other (equally valid) products.
-FEAT_PARAMS = {"lr": 1e-2, "rank": K, "refresh_interval": 3, "warmup_steps": 2, "hvp": "reverse"}
+FEAT_PARAMS = {"lr": 1e-2, "rank": K, "refresh_interval": 3, "warmup_steps": 2, "hvp": "reverse",
+               "curvature": {"back_off": False}}
 FEAT_GBS, FEAT_GAS, FEAT_CLIP = 16, 2, 0.05
 WARMUP = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-2, "warmup_num_steps": 4,
                                          "warmup_type": "linear"}}
@@ -55,7 +57,7 @@ WARMUP = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 
 CKPT_STEPS = 10
 CKPT_BLOCKING_AT = 4  # after the refresh at step 2, before the one at 5 (its Lanczos seed uses the counter)
 CKPT_INTERLEAVED = {"lr": 1e-2, "rank": K, "lanczos_order": 8, "refresh_interval": 10, "warmup_steps": 2,
-                    "curvature": {"mode": "interleaved", "iterations_per_step": 1}}
+                    "curvature": {"mode": "interleaved", "iterations_per_step": 1, "back_off": False}}
 CKPT_INTERLEAVED_AT = 5  # mid-refresh: Lanczos basis in flight (steps 2..9)
 ZERO0_STEPS, ZERO0_AT = 6, 3
 
@@ -203,8 +205,8 @@ def _bf16_run(rank: int, world: int) -> dict:
 
     from ds_dho2.integrations.deepspeed import load_config
 
-    cfg = load_config(ROOT / "ds_configs" / "dho2_zero2_bf16.json", train_micro_batch_size_per_gpu=8, lr=1e-2,
-                      rank=K, refresh_interval=10, warmup_steps=5)
+    cfg = S.keep_curvature(load_config(ROOT / "ds_configs" / "dho2_zero2_bf16.json", train_micro_batch_size_per_gpu=8,
+                                       lr=1e-2, rank=K, refresh_interval=10, warmup_steps=5))
     model = S.LossModel()
     engine, *_ = deepspeed.initialize(model=model, config=cfg)
     eig = []
@@ -596,8 +598,8 @@ def test_two_simulated_nodes_torchrun() -> None:
 def test_ds_dho2_run_unmodified_deepspeed_script(tmp_path: Path, launcher: str) -> None:
     from ds_dho2.integrations.deepspeed import load_config
 
-    config = load_config(ROOT / "ds_configs" / "dho2_zero2.json", train_micro_batch_size_per_gpu=4, lr=1e-2,
-                         rank=2, refresh_interval=2, warmup_steps=2)
+    config = S.keep_curvature(load_config(ROOT / "ds_configs" / "dho2_zero2.json", train_micro_batch_size_per_gpu=4,
+                                          lr=1e-2, rank=2, refresh_interval=2, warmup_steps=2))
     path = tmp_path / "ds_config.json"
     path.write_text(json.dumps(config))
     exe = shutil.which("ds-dho2", path=os.path.dirname(sys.executable))

@@ -44,7 +44,7 @@ def _train(rank: int, world_size: int, stage: int, hvp: str) -> dict:
     model = _LossModel()
     config = load_config("ds_configs/dho2_zero2.json", train_micro_batch_size_per_gpu=4,
                          gradient_accumulation_steps=2, rank=2, lanczos_order=8, warmup_steps=1,
-                         refresh_interval=2, hvp=hvp, curvature={"batch_fraction": 1.0})
+                         refresh_interval=2, hvp=hvp, curvature={"batch_fraction": 1.0, "back_off": False})
     config["zero_optimization"] = {"stage": stage}
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     generator = torch.Generator().manual_seed(1)

@@ -49,7 +49,7 @@ def dho2_config(hvp: str, **params) -> dict:
             "lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto", "rank": 2,
             "lanczos_order": 8,
             "warmup_steps": REFRESH_STEPS[0], "refresh_interval": REFRESH_STEPS[1] - REFRESH_STEPS[0],
-            "hvp": hvp, "curvature": {"batch_fraction": 1.0}, **params}},
+            "hvp": hvp, "curvature": {"batch_fraction": 1.0, "back_off": False}, **params}},
         "zero_optimization": {"stage": 2}, "steps_per_print": 1000000,
     }
 

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 TINY_LM = ["--max-steps", "12", "--batch-size", "8", "--block-size", "32", "--rank", "2", "--lanczos-order", "6",
            "--warmup-steps", "4", "--refresh-interval", "4", "--logging-steps", "2", "--eval-samples", "32",
-           "--lr", "3e-3", "--no-plot"]
+           "--lr", "3e-3", "--no-plot", "--no-back-off"]
 
 
 def offline_env() -> dict[str, str]:
@@ -123,7 +123,8 @@ def test_plain_trainer_default_param_groups_with_optimizer_cls_and_kwargs(tmp_pa
         callback = DHO2CurvatureCallback()
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback],
                           optimizer_cls_and_kwargs=dho2_optimizer_cls_and_kwargs(
-                              lr=3e-3, weight_decay=0.1, rank=2, lanczos_order=6, warmup_steps=4, refresh_interval=4))
+                              lr=3e-3, weight_decay=0.1, rank=2, lanczos_order=6, warmup_steps=4, refresh_interval=4,
+                              curvature={"back_off": False}))
         trainer.train()
     finally:
         torch.set_num_threads(threads)
@@ -171,6 +172,7 @@ def test_unmodified_trainer_script_under_zero3_from_the_json_alone(tmp_path):
     DHO2 binds to ZeRO-3's partitions and refreshes its curvature there."""
     config = json.loads((REPO / "ds_configs" / "dho2_zero3.json").read_text())
     config["optimizer"]["params"].update(warmup_steps=10, refresh_interval=10)
+    config["optimizer"]["params"]["curvature"]["back_off"] = False  # a short run keeps its basis
     path = tmp_path / "zero3.json"
     path.write_text(json.dumps(config))
     ds_dho2_bin = shutil.which("ds-dho2") or str(BIN / "ds-dho2")

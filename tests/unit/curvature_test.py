@@ -204,10 +204,11 @@ def test_hvp_leaves_modes_grads_and_autograd_state_untouched(strategy):
     if strategy == "auto":  # the cheapest measured strategy that agrees with an exact product
         report = chooser.report["candidates"]
         costs = {name: info["seconds_per_product"] for name, info in report.items() if info["available"]}
-        assert set(costs) == set(STRATEGIES)
+        assert set(costs) == {"reverse", "finite_difference"}  # forward-over-reverse: only a fallback
+        assert report["forward"]["measured"] is False
         assert chooser.resolved.value == min(costs, key=costs.get) == chooser.report["chosen"]
         assert report["finite_difference"]["relative_error"] < 1e-4
-        assert all(info["gradients_per_product"] > 0 for info in report.values())
+        assert all(info["gradients_per_product"] > 0 for info in report.values() if info["available"])
 
 
 @pytest.mark.parametrize("strategy", ["forward", "reverse"])

@@ -21,8 +21,9 @@ from tests.helpers import ds_setup as S  # noqa: E402
 
 def main() -> None:
     world = int(os.environ["WORLD_SIZE"])
-    config = load_config(os.path.join(ROOT, "ds_configs", "dho2_zero2.json"), train_micro_batch_size_per_gpu=4,
-                         lr=1e-2, rank=4, refresh_interval=2, warmup_steps=2)
+    config = S.keep_curvature(load_config(os.path.join(ROOT, "ds_configs", "dho2_zero2.json"),
+                                          train_micro_batch_size_per_gpu=4, lr=1e-2, rank=4, refresh_interval=2,
+                                          warmup_steps=2))
     model = S.LossModel()
     engine, *_ = deepspeed.initialize(model=model, config=config)
     rank = engine.global_rank
