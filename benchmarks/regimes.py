@@ -9,7 +9,7 @@ Protocol per (task, batch):
 
 * **Methods** (:func:`method_registry`): AdamW (torch, weight decay 0), SGD with momentum 0.9, DHO2 at the
   library defaults, DHO2 heavy-ball with ``rank="auto"``, DHO2 AdamW with ``rank="auto"``, and from
-  ``pytorch_optimizer`` SOAP, Shampoo, Kron (PSGD), SophiaH, AdaHessian (both given
+  ``pytorch_optimizer`` SOAP, Shampoo (scalable form), Kron (PSGD), SophiaH, AdaHessian (both given
   ``loss.backward(create_graph=True)`` on the steps where they estimate the Hessian) and schedule-free
   AdamW (switched with ``.eval()`` / ``.train()`` around every evaluation). Weight decay is 0 for all.
   Extra DHO2 variants (name -> DHO2 keyword arguments) can be added by the caller (``--dho2-variants``).
@@ -181,10 +181,12 @@ def method_registry(variants: dict[str, dict[str, Any]] | None = None) -> dict[s
     if po is not None:
         methods.update({
             "soap": Method("soap", "SOAP", "pytorch_optimizer", po.SOAP, {"weight_decay": 0.0}),
-            # momentum 0.9 as for SGD (the package default is 0); inverse roots every 10 steps, as SOAP's
-            # precondition_frequency (the package default, every step, costs ~25x an AdamW step here)
-            "shampoo": Method("shampoo", "Shampoo", "pytorch_optimizer", po.Shampoo,
-                              {"weight_decay": 0.0, "momentum": 0.9, "preconditioning_compute_steps": 10}),
+            # the scalable form (grafted on SGD-Nesterov for its first 25 steps and for the step size, as
+            # Shampoo is run in practice); inverse roots every 10 steps, as SOAP's precondition_frequency
+            # (its default of 1,000 suits long runs). The package's plain Shampoo makes no move until its
+            # first roots and then diverges from a near-empty statistic at every lr tried.
+            "shampoo": Method("shampoo", "Shampoo (scalable, SGD graft)", "pytorch_optimizer", po.ScalableShampoo,
+                              {"weight_decay": 0.0, "preconditioning_compute_steps": 10}, anchor="sgd"),
             "kron": Method("kron", "Kron (PSGD)", "pytorch_optimizer", po.Kron, {"weight_decay": 0.0}),
             "sophiah": Method("sophiah", "SophiaH", "pytorch_optimizer", po.SophiaH, {"weight_decay": 0.0},
                               needs_graph=_needs_graph_on_update),

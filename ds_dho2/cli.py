@@ -125,8 +125,9 @@ def check_target(target: str, as_module: bool) -> None:
                            f"'{PROG} run -m MODULE' for a module.")
 
 
-def run_script(target: str, args: list[str], as_module: bool = False) -> None:
-    """Register DHO2, then execute ``target`` as ``python target args...`` (``python -m target``) would."""
+def run_script(target: str, args: list[str], as_module: bool = False) -> bool:
+    """Register DHO2, then execute ``target`` as ``python target args...`` (``python -m target``) would;
+    whether it left a process group (destroyed here) behind."""
     if as_module and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # as python -m does
     check_target(target, as_module)  # `import ds_dho2` above has registered DHO2 with DeepSpeed
@@ -143,11 +144,12 @@ def run_script(target: str, args: list[str], as_module: bool = False) -> None:
         sys.argv = [target, *args]
         sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
         runpy.run_path(target, run_name="__main__")
-    shut_down_process_group()
+    return shut_down_process_group()
 
 
-def shut_down_process_group() -> None:
-    """Destroy the default process group the script left open, as a script should before it exits.
+def shut_down_process_group() -> bool:
+    """Destroy the default process group the script left open, as a script should before it exits;
+    whether there was one.
 
     Scripts (and the Trainer) rarely do; the gloo process group's threads are then torn down by the
     interpreter's exit, which now and then aborts a rank ("terminate called without an active exception")
@@ -157,6 +159,31 @@ def shut_down_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        return True
+    return False
+
+
+def exit_without_native_teardown(code: int) -> NoReturn:
+    """End a finished distributed rank: the script's ``atexit`` handlers, a garbage collection (closing
+    the files it no longer references), flushed streams and logs, then ``os._exit(code)``.
+
+    Even with the process group destroyed, the interpreter's finalisation still destroys native threads
+    of the communication libraries, and on CPU (gloo, DeepSpeed's shared-memory collectives) that aborts
+    one rank now and then after training finished ("terminate called without an active exception"),
+    which fails the whole launch. Skipping only that finalisation keeps the run's result.
+    """
+    import atexit
+    import gc
+
+    gc.collect()
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream: nothing left to flush
+            pass
+    os._exit(code)
 
 
 def _split_launcher_flags(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -344,11 +371,13 @@ def _run(target: str, args: list[str], as_module: bool) -> int:
     from ds_dho2.integrations.deepspeed import UnsupportedDeepSpeedSetup
 
     try:
-        run_script(target, args, as_module=as_module)
+        distributed = run_script(target, args, as_module=as_module)
     except (ConfigError, UnsupportedDeepSpeedSetup) as error:
         message = " ".join(str(error).split())
         print(f"{PROG} run: error: {type(error).__name__}: {message}", file=sys.stderr)
         return START_ERROR
+    if distributed:
+        exit_without_native_teardown(0)
     return 0
 
 

@@ -39,10 +39,10 @@ def test_tune_lr_brackets_a_best_inside_the_first_grid():
 
 
 def test_tune_lr_extends_towards_a_best_beyond_the_grid_and_goes_lower_when_everything_diverges():
-    loss, _ = _parabola(best=1e-1)  # 1.5^4 ~ 5x above the centre's grid edge of 1e-2 * 2.25
+    loss, _ = _parabola(best=6e-2)  # ~2.7x above the grid's top edge of 1e-2 * 1.5^2
     out = regimes.tune_lr(1e-2, loss, seeds=[0])
     assert out["extensions"] and all(lr > out["initial_grid"][-1] for lr in out["extensions"])
-    assert out["bracketed"] and abs(math.log(out["tuned_lr"] / 1e-1)) < math.log(1.5)
+    assert out["bracketed"] and abs(math.log(out["tuned_lr"] / 6e-2)) < math.log(1.5)
 
     loss, _ = _parabola(best=1e-3, diverge_above=1e-3)
     out = regimes.tune_lr(1e-1, loss, seeds=[0], max_extensions=2)

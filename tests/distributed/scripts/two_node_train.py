@@ -15,6 +15,7 @@ sys.path.insert(0, ROOT)
 import deepspeed  # noqa: E402
 
 import ds_dho2  # noqa: E402, F401 - registers "type": "DHO2"
+from ds_dho2.cli import exit_without_native_teardown, shut_down_process_group  # noqa: E402
 from ds_dho2.integrations.deepspeed import load_config  # noqa: E402
 from tests.helpers import ds_setup as S  # noqa: E402
 
@@ -36,7 +37,8 @@ def main() -> None:
     refreshes = opt.tracker.state.refresh_count
     print(f"CHECKSUM rank={rank} world={world} refreshes={refreshes} optimizer={type(opt).__name__} "
           f"value={float(flat.sum())!r}/{float(flat.abs().sum())!r}", flush=True)
-    torch.distributed.destroy_process_group()  # an interpreter-exit teardown of gloo can abort a rank
+    if shut_down_process_group():  # an interpreter-exit teardown of gloo can abort a rank
+        exit_without_native_teardown(0)
 
 
 if __name__ == "__main__":
