@@ -2,7 +2,7 @@
 
 Run: ``python -m benchmarks zero3_memory [--quick]`` (CPU, gloo; DS_ACCELERATOR=cpu is set here).
 
-For W = 1, 2, 4 ranks, a ZeRO-3 fp32 engine trains an MLP (about 21M parameters; ``--quick``: about 2M)
+For W = 1, 2, 4 ranks, a ZeRO-3 fp32 engine trains an MLP (25.2M parameters; ``--quick``: about 2M)
 with DHO2 at its defaults (k = 4, Lanczos order 8, float32 basis) on an interleaved schedule (4 Lanczos
 iterations per step), so that after the measured step a refresh is in flight. Per rank it counts the bytes
 of the tensors each part holds at that moment:

@@ -774,7 +774,9 @@ def _plain(value: Any) -> Any:
         return _plain(value.item())
     if isinstance(value, enum.Enum):
         return value.value
-    return value
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)  # e.g. a torch.dtype among a peer's defaults: named, never a crash at the write
 
 
 def _resolved(method: Method) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 :class:`Basis` holds the rank's eigenvector slices ``V_r`` (k x P_r) and the replicated eigenvalues.
 Every reduction of k numbers goes through the communicator, so the sharded step equals the unsharded one.
 The functions here never read a value on the host: flags, norms and statistics stay 0-dim tensors on the
-parameters' device, and each step needs two all-reduces of k + 1 numbers.
+parameters' device, and each step needs two all-reduces, of k + 1 and k + 2 numbers.
 
 The step passes over ``V`` four times: ``V g``, ``g - V^T c``, ``V d`` and ``V^T (V d + n)``, which removes
 the base step's subspace component and adds the Newton step.

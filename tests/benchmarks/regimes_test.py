@@ -138,3 +138,9 @@ def test_quick_main_writes_json_tables_and_figure(tmp_path):
             assert all(p["report"].get("regime") for p in setting["probes"].values())
             target = setting["race"][setting["target"]["method"]]
             assert target["step_ratio"] == pytest.approx(1.0) and target["time_ratio"] == pytest.approx(1.0)
+
+
+def test_results_are_json_safe_for_every_peer_default():
+    json.dumps(regimes._plain({"methods": {n: regimes._resolved(m) for n, m in regimes.method_registry().items()},
+                               "dtype": torch.float32, "inf": math.inf}))
+    assert regimes._plain(torch.float32) == "torch.float32" and regimes._plain(math.inf) is None
