@@ -98,18 +98,15 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, lr: float, max_step
 def dho2_overrides(args: argparse.Namespace) -> dict[str, Any]:
     names = {"rank": "rank", "lanczos_order": "lanczos_order", "refresh_interval": "refresh_interval",
              "warmup_steps": "warmup_steps", "alpha": "alpha", "lanczos_dtype": "lanczos_dtype"}
-    out = {key: getattr(args, attr) for attr, key in names.items() if getattr(args, attr) is not None}
-    if getattr(args, "no_back_off", False):
-        out["curvature"] = {"back_off": False}
-    return out
+    return {key: getattr(args, attr) for attr, key in names.items() if getattr(args, attr) is not None}
 
 
 def apply_dho2_overrides(params: dict[str, Any], args: argparse.Namespace) -> None:
-    """Write the command-line DHO2 settings into ``params`` (a ``curvature`` block is merged, not replaced)."""
-    overrides = dho2_overrides(args)
-    if "curvature" in overrides:
-        params["curvature"] = {**params.get("curvature", {}), **overrides.pop("curvature")}
-    params.update(overrides)
+    """Write the command-line DHO2 settings into ``params``; ``--no-back-off`` goes into its ``curvature``
+    block, whose other keys stay."""
+    params.update(dho2_overrides(args))
+    if getattr(args, "no_back_off", False):
+        params["curvature"] = {**params.get("curvature", {}), "back_off": False}
 
 
 def deepspeed_config(optimizer: str, args: argparse.Namespace) -> dict[str, Any]:

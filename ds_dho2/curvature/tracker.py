@@ -209,8 +209,8 @@ class CurvatureTracker:
 
     def _pays_off(self, step: int) -> bool:
         """Before a refresh: did the installed basis pay? When the Newton step carried less than
-        ``curvature.payoff_share`` of the predicted loss decrease, drop the basis (each step is then the base optimizer's),
-        say so once, and wake for a refresh after ``4 * max_interval`` steps. True when the refresh runs."""
+        ``curvature.payoff_share`` of the predicted loss decrease, drop the basis (each step is then the base
+        optimizer's), say so once, and wake for a refresh after ``4 * max_interval`` steps. True when the refresh runs."""
         cfg, state = self.config, self.state
         share = self.payoff() if state.eigenvalues is not None else None
         if share is None or not cfg.curvature.back_off or share >= cfg.curvature.payoff_share:

@@ -212,12 +212,15 @@ class StrategyChooser:
                 "attach(model, loss_fn=...), or train through a DeepSpeed engine.")
         probe = _probe(inputs.params, self.seed)
         trial = _Trial(inputs, probe)
-        for method in candidates:
-            if method is HVPMethod.FORWARD and any(m in trial.sessions for m in (HVPMethod.REVERSE, HVPMethod.GRAPH)):
-                trial.measured[method] = {"available": False, "measured": False,
-                                          "error": "not measured: the slowest exact mode is only a fallback"}
-                continue
-            trial.open(method)
+        for method in candidates:  # forward-over-reverse, the slowest exact mode, after the others
+            if method is not HVPMethod.FORWARD:
+                trial.open(method)
+        if HVPMethod.FORWARD in candidates:
+            if any(m in trial.sessions for m in (HVPMethod.REVERSE, HVPMethod.GRAPH)):
+                trial.measured[HVPMethod.FORWARD] = {"available": False, "measured": False,
+                                                     "error": "not measured: the slowest exact mode is only a fallback"}
+            else:
+                trial.open(HVPMethod.FORWARD)
         trial.time_rounds()
         trial.settle(expected_products, self._disagreeing)
         usable = trial.agree_across_ranks(comm)

@@ -10,7 +10,8 @@ Registration (idempotent, done by ``import ds_dho2``):
 * ``DeepSpeedEngine._configure_optimizer`` is wrapped so that, once ZeRO has partitioned the parameters,
   DHO2 is bound to the rank's flat partition (an exact :class:`ShardLayout`) and attached to the module.
   Under ZeRO-3 it binds to the rank's slices of every parameter instead. Unsupported set-ups (optimizer or
-  parameter offload, elastic checkpoints, stage 0 with fp16/bf16 or with universal checkpoints) fail here, inside ``deepspeed.initialize``, with a message saying what is supported;
+  parameter offload, elastic checkpoints, stage 0 with fp16/bf16 or with universal checkpoints) fail here,
+  inside ``deepspeed.initialize``, with a message saying what is supported;
 * ``DeepSpeedEngine.load_checkpoint`` is wrapped so that DHO2 adopts the state of a universal checkpoint
   (re-partitioned for this run) as soon as it is loaded (:func:`adopt_loaded_checkpoint`), and a regular
   checkpoint saved at another world size is refused with a message naming ``ds-dho2 to-universal``;
