@@ -47,6 +47,7 @@ and step ratio against batch size) and ``.md`` (one table per task and batch).
     python -m benchmarks regimes [--quick] [--tasks autoencoder,mnist1d,digits,sst2,charlm] [--batches ...]
                                  [--methods adamw,sgd,dho2,...] [--seeds 3] [--dho2-variants JSON|PATH]
                                  [--max-extensions 4] [--no-neighbours] [--threads 1] [--output-name regimes]
+    python -m benchmarks regimes --merge results/regimes_a.json results/regimes_b.json [--output-name regimes]
 """
 
 from __future__ import annotations
@@ -668,16 +669,52 @@ def _f(value: Any, spec: str = ".3g", none: str = "-") -> str:
     return format(value, spec)
 
 
+def summary_table(payload: dict[str, Any]) -> list[str]:
+    """The map in one table: per (task, batch) the target, the best DHO2 variant and the best other method by
+    time ratio (with its split), and the probe's verdicts with their agreement."""
+    def best(race: dict[str, Any], names: list[str]) -> str:
+        timed = [n for n in names if race[n]["time_ratio"] is not None]
+        if not timed:
+            return "none reached the target"
+        name = max(timed, key=lambda n: race[n]["time_ratio"])
+        entry = race[name]
+        lost = f", lost on {entry['lost_on']}" if entry["lost_on"] else ""
+        return (f"{payload['methods'][name]['label']} {entry['time_ratio']:.2f}x "
+                f"(= {_f(entry['step_ratio'], '.2f')} x {_f(entry['cost_ratio'], '.2f')}{lost})")
+
+    lines = ["## The map", "",
+             "| task | batch | target | best DHO2: time ratio (= steps x cost) | best other method | probe after AdamW / SGD |",
+             "|---|---|---|---|---|---|"]
+    for task, entry in payload["tasks"].items():
+        for batch, setting in entry["batches"].items():
+            race = setting["race"]
+            dho2 = [n for n in race if payload["methods"][n]["source"] == "ds_dho2"]
+            others = [n for n in race if n not in dho2 and n != setting["target"]["method"]]
+            verdicts = " / ".join(
+                f"{p['report'].get('regime')} ({ {True: 'agrees', False: 'DISAGREES', None: 'no prediction'}[p['agreement']['agrees']] })"
+                for p in setting["probes"].values())
+            target = setting["target"]
+            lines.append(f"| {task} | {batch} | {target['value']:.4g} ({payload['methods'][target['method']]['label']}) | "
+                         f"{best(race, dho2)} | {best(race, others)} | {verdicts or '-'} |")
+    return lines
+
+
 def markdown(payload: dict[str, Any]) -> str:
     """One table per (task, batch): method, tuned lr, final loss, steps to target and the three ratios."""
+    if payload.get("merged"):
+        origin = "Merged from " + "; ".join(f"`{s['command']}` (git {(s.get('git') or {}).get('commit', '?')[:12]}: "
+                                            f"{', '.join(s['settings_run'])})" for s in payload["sources"]) + ". "
+    else:
+        origin = f"Command: `{payload.get('command', '')}`; git {payload.get('git', {}).get('commit', '?')[:12]}. "
     lines = ["# Regimes: where hybrid order pays", "",
-             f"Command: `{payload.get('command', '')}`; git {payload.get('git', {}).get('commit', '?')[:12]}. "
+             origin +
              "Training loss = mean loss over the whole training set at the evaluation grid. Target = the lower of "
              "tuned AdamW's and tuned SGD-momentum's mean final training loss. Final loss: mean ± half-range over "
              "seeds. Steps to target: mean over seeds (a seed that never reaches it counts with the budget; "
              "`k/n` seeds reached). Ratios > 1 favour the method: step ratio = target method's steps / the method's, "
              "cost ratio = target method's median lockstep step time / the method's, time ratio = their product.",
              ""]
+    lines += summary_table(payload) + [""]
     for name, entry in payload["tasks"].items():
         lines += [f"## {name}: {entry['settings']['description']}", "",
                   f"Loss: {entry['settings']['loss']}. {entry['settings'].get('notes', '')}".strip(), ""]
@@ -808,12 +845,55 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seed only the best lr of the seed-0 grid, not its two neighbours (a third of the runs)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared machine)")
     parser.add_argument("--output-name", default=None, help="results name or path (default regimes / regimes_quick)")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="run nothing: combine finished result files (one per task or batch) into one map "
+                             "(JSON, tables, figure) under --output-name (default regimes)")
     return parser
+
+
+def merge_results(paths: list[str | Path]) -> dict[str, Any]:
+    """One map from several finished runs (the full map is recorded setting by setting to fit a CPU budget):
+    the union of their tasks and batches and of their methods; each file's command, git revision and settings
+    are kept under ``sources``. A (task, batch) found in two files, or one method described differently in
+    two files, is an error that names both files."""
+    merged: dict[str, Any] = {"benchmark": "regimes", "merged": True, "sources": [], "methods": {}, "tasks": {}}
+    owner: dict[tuple[str, str], str] = {}
+    for path in map(Path, paths):
+        run = json.loads(path.read_text())
+        if run.get("benchmark") != "regimes":
+            raise SystemExit(f"{path} is not a regimes result (benchmark = {run.get('benchmark')!r})")
+        merged["sources"].append({"file": path.name, "command": run.get("command"), "git": run.get("git"),
+                                  "settings": run.get("settings"), "peers": run.get("peers"),
+                                  "machine": run.get("machine"), "wall_seconds": run.get("wall_seconds"),
+                                  "settings_run": [f"{t}@{b}" for t, e in run["tasks"].items() for b in e["batches"]]})
+        merged.setdefault("peers", run.get("peers"))
+        for name, described in run["methods"].items():
+            known = merged["methods"].setdefault(name, described)
+            if known["kwargs"] != described["kwargs"]:
+                raise SystemExit(f"method {name!r} has different settings in {path} than in an earlier file; "
+                                 "merge only runs of the same method set")
+        for task, entry in run["tasks"].items():
+            into = merged["tasks"].setdefault(task, {**entry, "batches": {}})
+            for batch, setting in entry["batches"].items():
+                if (task, batch) in owner:
+                    raise SystemExit(f"{task} at batch {batch} is in both {owner[task, batch]} and {path}; "
+                                     "leave one of them out of --merge")
+                owner[task, batch] = str(path)
+                into["batches"][batch] = setting
+        merged["wall_seconds"] = sum(s["wall_seconds"] or 0.0 for s in merged["sources"])
+    for entry in merged["tasks"].values():
+        entry["batches"] = dict(sorted(entry["batches"].items(), key=lambda kv: int(kv[0])))
+    return merged
 
 
 def main(argv: list[str] | None = None, variants: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Run the benchmark; ``variants`` adds DHO2 configurations (name -> kwargs) next to ``--dho2-variants``."""
     args = build_parser().parse_args(argv)
+    if args.merge:
+        payload = merge_results(args.merge)
+        path = _write(args.output_name or "regimes", payload)
+        print(f"[regimes] merged {len(args.merge)} runs: {path}")
+        return payload
     torch.set_num_threads(args.threads)
     variants = {**parse_variants(args.dho2_variants), **(variants or {})}
     registry = method_registry(variants)

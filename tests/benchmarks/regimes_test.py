@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,6 +139,18 @@ def test_quick_main_writes_json_tables_and_figure(tmp_path):
             assert all(p["report"].get("regime") for p in setting["probes"].values())
             target = setting["race"][setting["target"]["method"]]
             assert target["step_ratio"] == pytest.approx(1.0) and target["time_ratio"] == pytest.approx(1.0)
+
+    # the map is recorded setting by setting; --merge puts the pieces back together (and refuses overlaps)
+    for task in saved["tasks"]:
+        part = {**saved, "tasks": {task: saved["tasks"][task]}}
+        (tmp_path / f"part_{task}.json").write_text(json.dumps(part))
+    parts = [str(tmp_path / f"part_{task}.json") for task in saved["tasks"]]
+    merged = regimes.main(["--merge", *parts, "--output-name", str(tmp_path / "regimes_merged")])
+    assert merged["tasks"] == saved["tasks"] and [s["file"] for s in merged["sources"]] == [Path(p).name for p in parts]
+    table = (tmp_path / "regimes_merged.md").read_text()
+    assert "## The map" in table and table.count("| autoencoder |") == 2 and (tmp_path / "regimes_merged.png").stat().st_size
+    with pytest.raises(SystemExit, match="in both"):
+        regimes.merge_results([parts[0], parts[0]])
 
 
 def test_results_are_json_safe_for_every_peer_default():
