@@ -698,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks convergence", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="digits only, 3-point grid, 24 steps, one extension round (CI smoke test)")
-    parser.add_argument("--tasks", default=None, help="comma-separated subset of digits,charlm,sst2")
+    parser.add_argument("--tasks", default=None, help="comma-separated subset of digits,charlm,sst2,autoencoder")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1), default 3")
     parser.add_argument("--steps-scale", type=float, default=1.0,
                         help="scale every step budget (and evaluation interval) by this factor")

@@ -33,6 +33,8 @@ DEMO_TASKS: dict[str, dict[str, Any]] = {
     "charlm": {"steps": 1000, "lrs": {"AdamW": 3e-3, "DHO2": 3e-3}},
     "digits": {"steps": 600, "lrs": {"AdamW": 1.0125e-2, "DHO2": 2e-3}},
     "sst2": {"steps": 250, "lrs": {"AdamW": 3e-4, "DHO2": 3e-4}},
+    # the regime map's full-batch autoencoder: each method's tuned lr there (benchmarks/results/regimes*.md)
+    "autoencoder": {"steps": 3000, "lrs": {"AdamW": 2.25e-2, "DHO2": 1.5e-2}},
 }
 METHODS = {"AdamW": {"type": "AdamW", "params": {"torch_adam": True, "foreach": True}},
            "DHO2": {"type": "DHO2", "params": {}}}

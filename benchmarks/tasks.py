@@ -13,7 +13,9 @@ Tasks are built inside each rank (:func:`setup_task`), so only plain settings cr
 
 * ``digits``: scikit-learn 8x8 digits, MLP 64-128-128-10 classifier (non-text);
 * ``charlm``: character-level GPT-2 (2 layers, 64 wide, 4 heads, block 64, vocab 65) on tinyshakespeare;
-* ``sst2``: fine-tuning the top of the bundled all-MiniLM-L6-v2 on SST-2 (see :func:`_setup_sst2`).
+* ``sst2``: fine-tuning the top of the bundled all-MiniLM-L6-v2 on SST-2 (see :func:`_setup_sst2`);
+* ``autoencoder``: the regime benchmark's deep tanh autoencoder 64-48-32-16-6-16-32-48-64 on the digits,
+  (nearly) full batch: the curvature-limited task of the map (see :func:`_setup_autoencoder`).
 
 Budgets and lr grids were chosen by a short calibration (``python -m benchmarks convergence
 --calibrate``): each budget is long enough that AdamW's validation curve at its best lr has flattened
@@ -333,6 +335,36 @@ def _setup_sst2(task: Task, rank: int, world: int) -> TaskData:
                           "max_length": SST2_MAX_LENGTH})
 
 
+# ------------------------------------------------------------------------------------------- autoencoder
+def _setup_autoencoder(task: Task, rank: int, world: int) -> TaskData:
+    """All 1,797 digits (pixels in [0, 1]) split once by ``data_seed`` into ``val_size`` validation rows and
+    the rest for training; the model is ``benchmarks.regime_tasks``' autoencoder and the loss its mean squared
+    reconstruction error per pixel. ``micro_batch`` rows per rank: at 770 and W=2 a step sees 1,540 of the
+    1,541 training rows, a full batch in a fresh order every step."""
+    from benchmarks.regime_tasks import MLP, digits_all
+
+    x = digits_all().train[0]
+    split = torch.randperm(len(x), generator=torch.Generator().manual_seed(task.data_seed))
+    x_tr, x_val = x[split[task.val_size:]], x[split[:task.val_size]]
+    x_val = x_val[rank_slice(len(x_val), rank, world)]
+
+    def build(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return MLP([64, 48, 32, 16, 6, 16, 32, 48, 64], torch.nn.Tanh, reconstruct=True)
+
+    def train_batch(rows: torch.Tensor) -> tuple[tuple, dict]:
+        return (x_tr[rows[rank_slice(len(rows), rank, world)]],), {}
+
+    def evaluate(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[float, float, float]:
+        (batch,) = args
+        squared = torch.nn.functional.mse_loss(module.net(batch), batch, reduction="sum")
+        return float(squared), 0.0, float(batch.numel())
+
+    val_batches = [((x_val,), {})]
+    return TaskData(build, len(x_tr), train_batch, val_batches, evaluate, val_items=x_val.numel() * world,
+                    info={"trainable_params": _count(build(0)), "train_rows": len(x_tr)})
+
+
 # ------------------------------------------------------------------------------------------------ registry
 def _tuned(steps: int, order: int, alpha: float, rank: int = 8, refreshes: int = 6) -> dict[str, Any]:
     """Per-task DHO2 overrides for the optional "DHO2 tuned" method (refreshes spread over the budget)."""
@@ -373,9 +405,19 @@ def make_tasks(quick: bool = False) -> dict[str, Task]:
                            "layer 6, pooler and head (1.9M parameters). Budget: AdamW's validation loss reaches "
                            "its minimum around 200-250 steps (2 epochs of the 2048-row slice) and rises after "
                            "(over-fitting), so the budget ends at the flat bottom."),
+        "autoencoder": Task(name="autoencoder",
+                            description="deep tanh autoencoder 64-48-32-16-6-16-32-48-64 on sklearn digits, "
+                                        "1541 train / 256 val, full batch at W=2 (770 rows per rank)",
+                            steps=3000, eval_every=100, micro_batch=770, lrs=lr_grid(1.5e-2, 3), classifier=False,
+                            val_size=256, dho2_tuned=_tuned(3000, 16, 0.3),
+                            notes="The curvature-limited task of the regime map (benchmarks/regime_tasks.py): "
+                                  "no gradient noise at full batch, a 6-unit bottleneck behind three tanh layers. "
+                                  "Validation loss = mean squared reconstruction error per pixel of 256 held-out "
+                                  "digits; the budget is the regime benchmark's 3,000 steps."),
     }
 
 
 def setup_task(task: Task, rank: int, world: int) -> TaskData:
-    fn = {"digits": _setup_digits, "charlm": _setup_charlm, "sst2": _setup_sst2}[task.name]
+    fn = {"digits": _setup_digits, "charlm": _setup_charlm, "sst2": _setup_sst2,
+          "autoencoder": _setup_autoencoder}[task.name]
     return fn(task, rank, world)

@@ -128,3 +128,24 @@ def test_minilm_top_on_cached_trunk_matches_the_full_model():
         ours = top.logits(trunk_features(model, enc["input_ids"], enc["attention_mask"]), enc["attention_mask"])
     assert torch.allclose(full, ours, atol=1e-5)
     assert sum(p.numel() for p in top.parameters()) < 2_000_000
+
+
+def test_autoencoder_task_is_full_batch_at_two_ranks_with_held_out_digits():
+    from benchmarks.tasks import epoch_order, make_tasks, setup_task
+
+    task = make_tasks()["autoencoder"]
+    ranks = [setup_task(task, rank, 2) for rank in range(2)]
+    assert ranks[0].train_rows == 1797 - task.val_size and task.micro_batch * 2 >= ranks[0].train_rows - 1
+    rows = epoch_order(ranks[0].train_rows, 1, task.micro_batch * 2, seed=0)[0]
+    (x0,), _ = ranks[0].train_batch(rows)
+    (x1,), _ = ranks[1].train_batch(rows)
+    assert len(x0) == len(x1) == task.micro_batch  # each rank its half of one full-batch step
+    both = torch.cat([x0, x1])
+    same = lambda a, b: (a[:, None, :] == b[None, :, :]).all(-1).any(-1)  # noqa: E731 - row of a found in b
+    assert not same(x0, x1).any()  # the ranks split the step's rows
+    val = torch.cat([r.val_batches[0][0][0] for r in ranks])
+    assert len(val) == task.val_size and same(val, both).float().mean() < 0.01  # held out (a few digits repeat)
+    model = ranks[0].build_model(0)
+    squared, _, items = ranks[0].evaluate(model, (val,), {})
+    with torch.no_grad():
+        assert squared / items == pytest.approx(float(model(val)), rel=1e-5)  # mean squared error per pixel
