@@ -757,7 +757,8 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     tasks = list(payload["tasks"].items())
     methods = list(payload["methods"])
     fig, axes = plt.subplots(2, max(1, len(tasks)), figsize=(4.2 * max(1, len(tasks)), 7.5), squeeze=False)
-    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    palette = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")  # one distinct colour per method
+    colors = {m: palette(i % palette.N) for i, m in enumerate(methods)}
     floor = 0.05
     for col, (name, entry) in enumerate(tasks):
         batches = sorted(entry["batches"], key=int)
