@@ -27,14 +27,16 @@ Protocol per (task, batch):
   below the target (None if never), the seconds to it (cumulative measured step time, evaluations
   excluded) and the final loss; mean and spread over seeds. A seed that never reaches the target counts
   with the whole budget in the step mean (so the ratio is then an upper bound; ``censored`` in the JSON).
-* **Cost**: a separate lockstep run, every method at its tuned lr, seed 0, the same batches, the methods
-  stepping in alternation (shuffled order each round); 50 timed steps after a warm-up of 5 steps that
-  starts only after every DHO2 variant's first curvature refresh (so a DHO2 step pays its projection).
-  ``cost ratio = median step time of the target method / median step time of the method`` and
-  ``step ratio = target method's mean steps to target / the method's``; ``time ratio = step ratio x cost
-  ratio`` (every ratio > 1 favours the method). When the time ratio is below 1 the factor that lost is
-  named (``steps``, ``cost``, or ``steps and cost``). The mean lockstep step time (refresh steps
-  included) and the race's own measured seconds are reported next to it.
+* **Cost**: a separate lockstep run, every method at its tuned lr, seed 0, the same batches as the race's
+  seed 0, the whole budget, the methods stepping in alternation (shuffled order each round). A method's
+  cost of a step is its mean lockstep step time over the steps it needed to reach the target (refreshes,
+  back-off and wake refreshes included: what a user's run pays). ``cost ratio = target method's cost /
+  the method's``, ``step ratio = target method's mean steps to target / the method's``, ``time ratio =
+  step ratio x cost ratio`` = the target method's lockstep seconds to the target over the method's (every
+  ratio > 1 favours the method). When the time ratio is below 1 the factor that lost is named (``steps``,
+  ``cost``, or ``steps and cost``). The median step time of 50 steps shortly after the first DHO2 refresh
+  (a step that projects on a fresh basis, ``steady_cost_ratio``) and the race's own measured seconds are
+  reported next to it. ``--recost RESULT.json`` re-measures only this, at the recorded tuned lrs.
 * **Probe cross-check**: after ``budget / 2`` steps of tuned AdamW and of tuned SGD-momentum (seed 0) the
   probe reports a regime; it *agrees* with the race when a curvature-limited verdict comes with some DHO2
   variant beating the target in wall-clock time by at least 1.2x, and a noise-limited (or lr-limited)
@@ -57,10 +59,12 @@ import contextlib
 import dataclasses
 import enum
 import importlib.metadata
+import itertools
 import json
 import math
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -78,6 +82,9 @@ WIN_FACTOR = 1.2  # a DHO2 variant "pays" when it reaches the target this much f
 FLATTENING_WINDOW = 0.2
 DIVERGED_FACTOR = 1e3  # a training loss this many times the initial one ends a run as diverged
 LOCKSTEP_WARMUP, LOCKSTEP_TIMED = 5, 50
+LOCKSTEP_PROTOCOL = {"steps": "the whole budget, seed 0, methods in alternation",
+                     "cost": "mean lockstep step time over the steps to the target",
+                     "steady": f"median of {LOCKSTEP_TIMED} steps from {LOCKSTEP_WARMUP} after the first refresh"}
 PROBE_MAX_RANK = 16  # above the class counts (10, 2)
 QUICK_METHODS = ("adamw", "sgd", "dho2")
 TARGET_METHODS = ("adamw", "sgd")
@@ -513,43 +520,97 @@ def mean_curve(runs: list[dict[str, Any]]) -> list[list[float]]:
 
 # ------------------------------------------------------------------------------------------ lockstep cost
 def lockstep_costs(task: RegimeTask, data: RegimeData, batch: int, methods: list[Method], lrs: dict[str, float],
-                   warmup: int = LOCKSTEP_WARMUP, timed: int = LOCKSTEP_TIMED, after_refresh: bool = True,
+                   steps: int | None = None, steady_warmup: int = LOCKSTEP_WARMUP, steady_timed: int = LOCKSTEP_TIMED,
                    seed: int = 0) -> dict[str, Any]:
-    """Median and mean step time of every method at its tuned lr, all stepping in alternation on the same
-    batches (a shuffled order each round), so a burst of load on a shared machine hits them alike.
+    """Every method at its tuned lr, seed 0, the whole budget (``steps``), all stepping in alternation on the
+    same batches (a shuffled order each round), so a burst of load on a shared machine hits them alike.
 
-    With ``after_refresh`` the warm-up also covers every DHO2 variant's first curvature refresh
-    (``warmup_steps``), so the timed steps include the projection on an installed basis."""
+    Per method: the cumulative step seconds after every step (``cumulative``; what a run of that method costs
+    up to any step, its curvature refreshes, back-off and wake refreshes included) and, for reference, the
+    median of ``steady_timed`` steps starting ``steady_warmup`` steps after the last DHO2 variant's first
+    refresh (``steady_median_seconds``: the cost of a step that projects on a freshly installed basis)."""
+    steps = task.budgets[batch] if steps is None else steps
     models = {m.name: task.build_model(seed) for m in methods}
     optimizers = {m.name: prepare(m, models[m.name], lrs[m.name], seed) for m in methods}
     first_refresh = max([int(optimizers[m.name].config.warmup_steps) for m in methods if m.is_dho2] or [0])
-    skip = warmup + (first_refresh if after_refresh else 0)
-    total = skip + timed
-    order = epoch_order(data.rows, total, batch, seed)
+    steady = slice(min(first_refresh + steady_warmup, max(0, steps - steady_timed)), None)
+    steady = slice(steady.start, steady.start + steady_timed)
+    order = epoch_order(data.rows, steps, batch, seed)
     times: dict[str, list[float]] = {m.name: [] for m in methods}
     failed: dict[str, str] = {}
     shuffler = random.Random(seed)
-    for step in range(total):
+    for step in range(steps):
         inputs = data.batch(order[step])
         for method in shuffler.sample(methods, len(methods)):
             if method.name in failed:
                 continue
             try:
-                loss, seconds = train_step(models[method.name], optimizers[method.name], method, inputs)
+                _, seconds = train_step(models[method.name], optimizers[method.name], method, inputs)
             except Exception as error:  # noqa: BLE001
                 failed[method.name] = f"{type(error).__name__}: {error}"[:300]
                 continue
-            if step >= skip:
-                times[method.name].append(seconds)
-    out = {"warmup_steps": skip, "timed_steps": timed, "seed": seed, "after_first_refresh": after_refresh,
-           "methods": {}}
+            times[method.name].append(seconds)
+    out = {"steps": steps, "seed": seed, "steady_window": [steady.start, steady.stop], "methods": {}}
     for method in methods:
         t = times[method.name]
         out["methods"][method.name] = {
-            "lr": lrs[method.name], "median_seconds": statistics.median(t) if t else None,
-            "mean_seconds": statistics.fmean(t) if t else None, "error": failed.get(method.name),
-            "curvature": _curvature_summary(optimizers[method.name])}
+            "lr": lrs[method.name], "steps_done": len(t), "cumulative": list(itertools.accumulate(t)),
+            "mean_seconds": statistics.fmean(t) if t else None,
+            "steady_median_seconds": statistics.median(t[steady]) if t[steady] else None,
+            "error": failed.get(method.name), "curvature": _curvature_summary(optimizers[method.name])}
     return out
+
+
+def seconds_to(cost: dict[str, Any], steps: float | None) -> float | None:
+    """A method's lockstep seconds for its first ``steps`` steps (linear between whole steps; None when the
+    lockstep run did not get that far)."""
+    cumulative = cost["cumulative"]
+    if steps is None or not cumulative or steps > len(cumulative):
+        return None
+    whole = int(steps)
+    before = cumulative[whole - 1] if whole >= 1 else 0.0
+    if whole == steps or whole >= len(cumulative):
+        return before
+    return before + (steps - whole) * (cumulative[whole] - before)
+
+
+def race_table(methods: list[Method], summaries: dict[str, dict[str, Any]], tuned: dict[str, float],
+               target_method: str, cost: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per method: its reach summary and the ratios against the target method. The cost of a step is the
+    method's mean lockstep step time over the steps it needed to the target (all of its budget when it never
+    got there), so the time ratio is the target method's lockstep seconds to the target over the method's."""
+    lock = cost["methods"]
+    reference = summaries[target_method]
+    reference_seconds = seconds_to(lock[target_method], reference["steps_mean"])
+    race = {}
+    for method in methods:
+        summary = summaries[method.name]
+        mine = seconds_to(lock[method.name], summary["steps_mean"])
+        method_cost = mine / summary["steps_mean"] if mine else None
+        reference_cost = reference_seconds / reference["steps_mean"] if reference_seconds else None
+        entry = {"lr": tuned[method.name], **summary, **ratios(summary, reference, method_cost, reference_cost),
+                 "lockstep_seconds_to_target": mine, "mean_step_seconds": lock[method.name]["mean_seconds"],
+                 "steady_median_seconds": lock[method.name]["steady_median_seconds"]}
+        steady, steady_ref = lock[method.name]["steady_median_seconds"], lock[target_method]["steady_median_seconds"]
+        entry["steady_cost_ratio"] = steady_ref / steady if steady and steady_ref else None
+        race[method.name] = entry
+    return race
+
+
+def compact_lockstep(cost: dict[str, Any], eval_steps: list[int]) -> dict[str, Any]:
+    """The lockstep record as written to the JSON: the cumulative seconds at the evaluation steps only."""
+    methods = {}
+    for name, entry in cost["methods"].items():
+        cumulative = entry["cumulative"]
+        methods[name] = {**{k: v for k, v in entry.items() if k != "cumulative"},
+                         "cumulative_at_eval": [[s, cumulative[s - 1]] for s in eval_steps if 1 <= s <= len(cumulative)]}
+    return {**cost, "methods": methods}
+
+
+def best_dho2_ratio(methods: list[Method], race: dict[str, dict[str, Any]]) -> float | None:
+    """The best time ratio of any DHO2 variant (None when none reached the target)."""
+    values = [race[m.name]["time_ratio"] for m in methods if m.is_dho2 and race[m.name]["time_ratio"] is not None]
+    return max(values) if values else None
 
 
 # ------------------------------------------------------------------------------------------ probe
@@ -596,8 +657,7 @@ def agreement(regime: str, best_dho2_time_ratio: float | None) -> dict[str, Any]
 
 # ------------------------------------------------------------------------------------------ one setting
 def run_setting(task: RegimeTask, data: RegimeData, batch: int, methods: list[Method], seeds: list[int],
-                max_extensions: int = MAX_EXTENSIONS, lockstep: tuple[int, int, bool] = (LOCKSTEP_WARMUP,
-                LOCKSTEP_TIMED, True), probe_rank: int = PROBE_MAX_RANK,
+                max_extensions: int = MAX_EXTENSIONS, probe_rank: int = PROBE_MAX_RANK,
                 centers: dict[str, float] | None = None, neighbours: bool = True) -> dict[str, Any]:
     """The whole protocol at one (task, batch): tuning, target, race, lockstep cost, probes, agreement."""
     started = time.perf_counter()
@@ -623,21 +683,11 @@ def run_setting(task: RegimeTask, data: RegimeData, batch: int, methods: list[Me
         candidates = {m.name: _mean([r["final_loss"] for r in tuned_runs[m.name]]) for m in methods}
     target_method = min(candidates, key=lambda n: candidates[n])
     target = candidates[target_method]
-    cost = lockstep_costs(task, data, batch, methods, tuned, *lockstep)
-    medians = {name: c["median_seconds"] for name, c in cost["methods"].items()}
+    cost = lockstep_costs(task, data, batch, methods, tuned)
     summaries = {name: reach_summary(tuned_runs[name], target, budget) for name in tuned}
-    race = {}
-    for method in methods:
-        entry = {"lr": tuned[method.name], **summaries[method.name],
-                 **ratios(summaries[method.name], summaries[target_method], medians[method.name], medians[target_method]),
-                 "median_step_seconds": medians[method.name],
-                 "mean_step_seconds": cost["methods"][method.name]["mean_seconds"]}
-        lock = cost["methods"]
-        if lock[method.name]["mean_seconds"] and lock[target_method]["mean_seconds"]:
-            entry["cost_ratio_mean"] = lock[target_method]["mean_seconds"] / lock[method.name]["mean_seconds"]
-        race[method.name] = entry
-    dho2_ratios = [race[m.name]["time_ratio"] for m in methods if m.is_dho2 and race[m.name]["time_ratio"] is not None]
-    best_dho2 = max(dho2_ratios) if dho2_ratios else None
+    race = race_table(methods, summaries, tuned, target_method, cost)
+    best_dho2 = best_dho2_ratio(methods, race)
+    medians = {name: c["steady_median_seconds"] for name, c in cost["methods"].items()}
     probes = {}
     for name in TARGET_METHODS:
         method = next((m for m in methods if m.name == name), None)
@@ -656,7 +706,8 @@ def run_setting(task: RegimeTask, data: RegimeData, batch: int, methods: list[Me
             "adamw_flattening": {"window": FLATTENING_WINDOW, "mean_curve": flattening(adamw_mean, budget),
                                  "per_seed": {str(r["seed"]): flattening(r["curve"], budget)
                                               for r in tuned_runs.get("adamw", [])}},
-            "tuning": tuning, "race": race, "lockstep": cost, "best_dho2_time_ratio": best_dho2,
+            "tuning": tuning, "race": race, "lockstep": compact_lockstep(cost, task.eval_steps(batch)),
+            "best_dho2_time_ratio": best_dho2,
             "dho2_wins": best_dho2 is not None and best_dho2 >= WIN_FACTOR, "probes": probes,
             "runs": {name: [r for _, r in sorted(rs.items())] for name, rs in runs.items()},
             "wall_seconds": time.perf_counter() - started}
@@ -706,13 +757,18 @@ def markdown(payload: dict[str, Any]) -> str:
                                             f"{', '.join(s['settings_run'])})" for s in payload["sources"]) + ". "
     else:
         origin = f"Command: `{payload.get('command', '')}`; git {payload.get('git', {}).get('commit', '?')[:12]}. "
+    if payload.get("recosted"):
+        origin += (f"Lockstep cost re-measured at the recorded tuned lrs by `{payload['recosted']['command']}` (git "
+                   f"{(payload['recosted'].get('git') or {}).get('commit', '?')[:12]}). ")
     lines = ["# Regimes: where hybrid order pays", "",
              origin +
              "Training loss = mean loss over the whole training set at the evaluation grid. Target = the lower of "
              "tuned AdamW's and tuned SGD-momentum's mean final training loss. Final loss: mean ± half-range over "
              "seeds. Steps to target: mean over seeds (a seed that never reaches it counts with the budget; "
              "`k/n` seeds reached). Ratios > 1 favour the method: step ratio = target method's steps / the method's, "
-             "cost ratio = target method's median lockstep step time / the method's, time ratio = their product.",
+             "cost ratio = target method's mean lockstep step time over its steps to target / the method's, time "
+             "ratio = their product; cost after refresh = the same ratio of median step times shortly after the first "
+             "DHO2 refresh.",
              ""]
     lines += summary_table(payload) + [""]
     for name, entry in payload["tasks"].items():
@@ -726,8 +782,9 @@ def markdown(payload: dict[str, Any]) -> str:
                       f"curve improved {_f(flat.get('endpoints'), '.1%')} over the last 20% of the budget "
                       f"(fitted {_f(flat.get('fitted'), '.1%')}; {_f(flat.get('absolute_share'), '.2%')} of the "
                       "initial loss).", "",
-                      "| method | tuned lr | final loss | steps to target | step ratio | cost ratio | time ratio | lost on |",
-                      "|---|---|---|---|---|---|---|---|"]
+                      "| method | tuned lr | final loss | steps to target | step ratio | cost ratio | time ratio | lost on "
+                      "| cost after refresh |",
+                      "|---|---|---|---|---|---|---|---|---|"]
             for method, race in setting["race"].items():
                 tune = setting["tuning"][method]
                 lr = f"{race['lr']:.4g}" + ("" if tune["bracketed"] and tune["tuned_bracketed"] else " (edge)")
@@ -738,7 +795,8 @@ def markdown(payload: dict[str, Any]) -> str:
                 bound = {"upper": "≤", "lower": "≥", "uncertain": "~"}.get(race["bound"], "")
                 lines.append(f"| {payload['methods'][method]['label']} | {lr} | {final_text} | {steps} | "
                              f"{bound}{_f(race['step_ratio'], '.2f')} | {_f(race['cost_ratio'], '.2f')} | "
-                             f"{bound}{_f(race['time_ratio'], '.2f')} | {race['lost_on'] or ''} |")
+                             f"{bound}{_f(race['time_ratio'], '.2f')} | {race['lost_on'] or ''} | "
+                             f"{_f(race.get('steady_cost_ratio'), '.2f')} |")
             lines.append("")
             for probed, probe in setting["probes"].items():
                 agree = probe["agreement"]["agrees"]
@@ -849,6 +907,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="run nothing: combine finished result files (one per task or batch) into one map "
                              "(JSON, tables, figure) under --output-name (default regimes)")
+    parser.add_argument("--recost", default=None, metavar="JSON",
+                        help="run no race: measure the lockstep cost of a finished (unmerged) run again at its tuned "
+                             "lrs and rewrite its ratios, under --output-name (default: the same name)")
     return parser
 
 
@@ -887,6 +948,44 @@ def merge_results(paths: list[str | Path]) -> dict[str, Any]:
     return merged
 
 
+REACH_KEYS = ("per_seed", "reached", "seeds", "censored", "steps_mean", "seconds_mean", "steps", "final_loss",
+              "final_test_loss")
+
+
+def recost_results(path: str | Path, command: str) -> dict[str, Any]:
+    """A finished run with its lockstep cost measured again (the current protocol, the recorded tuned lrs, the
+    recorded races): ratios, best DHO2 ratio and the probes' agreement follow the new cost; the tuning, the
+    races and the probe reports are kept. For a merged map, re-measure each source and merge again."""
+    from benchmarks.convergence import _git_state
+
+    run = json.loads(Path(path).read_text())
+    if run.get("benchmark") != "regimes" or run.get("merged"):
+        raise SystemExit(f"{path}: --recost takes an unmerged regimes result; recost each source, then --merge")
+    registry = method_registry(run["settings"].get("variants") or {})
+    tasks = make_regime_tasks(quick=run["settings"]["quick"])
+    for task_name, entry in run["tasks"].items():
+        task = tasks[task_name]
+        data = task.load_data()
+        for batch_text, setting in entry["batches"].items():
+            started, batch = time.perf_counter(), int(batch_text)
+            methods = [registry[name] for name in setting["race"]]
+            tuned = {name: race["lr"] for name, race in setting["race"].items()}
+            summaries = {name: {k: race[k] for k in REACH_KEYS} for name, race in setting["race"].items()}
+            cost = lockstep_costs(task, data, batch, methods, tuned)
+            setting["race"] = race_table(methods, summaries, tuned, setting["target"]["method"], cost)
+            setting["lockstep"] = compact_lockstep(cost, task.eval_steps(batch))
+            setting["best_dho2_time_ratio"] = best = best_dho2_ratio(methods, setting["race"])
+            setting["dho2_wins"] = best is not None and best >= WIN_FACTOR
+            for probe in setting["probes"].values():
+                probe["agreement"] = agreement(probe["report"].get("regime", "error"), best)
+            setting["recost_seconds"] = time.perf_counter() - started
+            print(f"[regimes] {task_name} B={batch}: lockstep re-measured in {setting['recost_seconds']:.0f} s; "
+                  f"best DHO2 time ratio {_f(best, '.2f')}", flush=True)
+    run["settings"]["lockstep"] = LOCKSTEP_PROTOCOL
+    run["recosted"] = {"command": command, "git": _git_state(), "at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return run
+
+
 def main(argv: list[str] | None = None, variants: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Run the benchmark; ``variants`` adds DHO2 configurations (name -> kwargs) next to ``--dho2-variants``."""
     args = build_parser().parse_args(argv)
@@ -896,6 +995,12 @@ def main(argv: list[str] | None = None, variants: dict[str, dict[str, Any]] | No
         print(f"[regimes] merged {len(args.merge)} runs: {path}")
         return payload
     torch.set_num_threads(args.threads)
+    if args.recost:
+        command = "python -m benchmarks regimes " + " ".join(argv if argv is not None else sys.argv[1:])
+        payload = recost_results(args.recost, command)
+        path = _write(args.output_name or Path(args.recost).stem, payload)
+        print(f"[regimes] re-measured cost: {path}")
+        return payload
     variants = {**parse_variants(args.dho2_variants), **(variants or {})}
     registry = method_registry(variants)
     tasks = make_regime_tasks(quick=args.quick)
@@ -910,7 +1015,6 @@ def main(argv: list[str] | None = None, variants: dict[str, dict[str, Any]] | No
     methods = [registry[n] for n in names]
     seeds = list(range(args.seeds if args.seeds is not None else (1 if args.quick else 3)))
     keep = None if not args.batches else {int(b) for b in args.batches.split(",")}
-    lockstep = (2, 10, False) if args.quick else (LOCKSTEP_WARMUP, LOCKSTEP_TIMED, True)
     name = args.output_name or ("regimes_quick" if args.quick else "regimes")
     from benchmarks.convergence import _git_state
 
@@ -919,7 +1023,7 @@ def main(argv: list[str] | None = None, variants: dict[str, dict[str, Any]] | No
         "settings": {"quick": args.quick, "seeds": seeds, "threads": args.threads, "grid_points": GRID_POINTS,
                      "lr_ratio": LR_RATIO, "max_extensions": args.max_extensions, "win_factor": WIN_FACTOR,
                      "seeded_neighbours": not args.no_neighbours,
-                     "lockstep": {"warmup": lockstep[0], "timed": lockstep[1], "after_first_refresh": lockstep[2]},
+                     "lockstep": LOCKSTEP_PROTOCOL,
                      "probe": {"max_rank": 4 if args.quick else PROBE_MAX_RANK, "after": "budget // 2 steps",
                                "noise_chunks": 8},
                      "diverged_factor": DIVERGED_FACTOR, "flattening_window": FLATTENING_WINDOW,
@@ -940,7 +1044,7 @@ def main(argv: list[str] | None = None, variants: dict[str, dict[str, Any]] | No
         for batch in task.batches:
             if keep is not None and batch not in keep:
                 continue
-            result = run_setting(task, data, batch, methods, seeds, args.max_extensions, lockstep,
+            result = run_setting(task, data, batch, methods, seeds, args.max_extensions,
                                  probe_rank=payload["settings"]["probe"]["max_rank"], centers=variant_centers(variants),
                                  neighbours=not args.no_neighbours)
             entry["batches"][str(batch)] = result

@@ -78,6 +78,31 @@ def test_race_arithmetic_counts_censored_seeds_with_the_budget_and_names_the_los
     assert regimes.lost_factor(2.0, 0.6) is None and regimes.lost_factor(None, 1.0) == "steps"
 
 
+def test_race_cost_is_the_mean_lockstep_step_over_the_steps_to_target():
+    # the method pays 3 s a step for 10 steps (a refresh), then 1 s (dormant); the reference 1.5 s throughout
+    lock = {"methods": {
+        "ref": {"cumulative": [1.5 * (i + 1) for i in range(40)], "mean_seconds": 1.5, "steady_median_seconds": 1.5},
+        "dho2": {"cumulative": [3.0 * min(i + 1, 10) + max(0, i + 1 - 10) for i in range(40)], "mean_seconds": 1.0,
+                 "steady_median_seconds": 3.0}}}
+    assert regimes.seconds_to(lock["methods"]["dho2"], 20) == pytest.approx(40.0)
+    assert regimes.seconds_to(lock["methods"]["dho2"], 20.5) == pytest.approx(40.5)
+    assert regimes.seconds_to(lock["methods"]["dho2"], 41) is None
+    summaries = {"ref": regimes.reach_summary([_run(0, [[0, 2.0, 0.0], [30, 1.0, 1.0]])], target=1.0, budget=40),
+                 "dho2": regimes.reach_summary([_run(0, [[0, 2.0, 0.0], [20, 1.0, 1.0]])], target=1.0, budget=40)}
+    methods = [regimes.Method("ref", "ref", "torch", torch.optim.SGD, {}),
+               regimes.dho2_method("dho2", {}, "DHO2")]
+    race = regimes.race_table(methods, summaries, {"ref": 0.1, "dho2": 0.1}, "ref", lock)
+    entry = race["dho2"]
+    # 30 reference steps take 45 s, 20 DHO2 steps 40 s: time ratio 45/40 = 1.5 steps x 0.75 cost
+    assert entry["step_ratio"] == pytest.approx(1.5) and entry["cost_ratio"] == pytest.approx(1.5 / 2.0)
+    assert entry["time_ratio"] == pytest.approx(45 / 40) and entry["lockstep_seconds_to_target"] == pytest.approx(40)
+    assert entry["steady_cost_ratio"] == pytest.approx(0.5) and race["ref"]["time_ratio"] == pytest.approx(1.0)
+    assert regimes.best_dho2_ratio(methods, race) == pytest.approx(45 / 40)
+    compact = regimes.compact_lockstep(lock, [10, 40, 50])
+    assert compact["methods"]["dho2"]["cumulative_at_eval"] == [[10, 30.0], [40, 60.0]]
+    assert "cumulative" not in compact["methods"]["dho2"]
+
+
 def test_probe_agreement_and_flattening():
     assert regimes.agreement("curvature-limited", 1.5)["agrees"] is True
     assert regimes.agreement("curvature-limited", 1.1)["agrees"] is False
@@ -151,6 +176,23 @@ def test_quick_main_writes_json_tables_and_figure(tmp_path):
     assert "## The map" in table and table.count("| autoencoder |") == 2 and (tmp_path / "regimes_merged.png").stat().st_size
     with pytest.raises(SystemExit, match="in both"):
         regimes.merge_results([parts[0], parts[0]])
+
+    # --recost measures the lockstep again at the recorded tuned lrs and keeps the races
+    recosted = regimes.main(["--recost", str(tmp_path / "regimes_quick.json"), "--output-name",
+                             str(tmp_path / "regimes_recosted")])
+    again = json.loads((tmp_path / "regimes_recosted.json").read_text())
+    assert again["recosted"]["command"].startswith("python -m benchmarks regimes --recost") and recosted["recosted"]
+    for task, entry in again["tasks"].items():
+        for batch, setting in entry["batches"].items():
+            before = saved["tasks"][task]["batches"][batch]
+            assert setting["tuning"] == before["tuning"] and setting["lockstep"]["steps"] == setting["budget"]
+            for name, race in setting["race"].items():
+                assert race["per_seed"] == before["race"][name]["per_seed"] and race["lr"] == before["race"][name]["lr"]
+                assert len(setting["lockstep"]["methods"][name]["cumulative_at_eval"]) == len(
+                    [s for s in setting["eval_steps"] if s >= 1])
+    assert "re-measured" in (tmp_path / "regimes_recosted.md").read_text()
+    with pytest.raises(SystemExit, match="unmerged"):
+        regimes.recost_results(tmp_path / "regimes_merged.json", "x")
 
 
 def test_results_are_json_safe_for_every_peer_default():
