@@ -218,6 +218,8 @@ class DHO2Config(_Section):
     divergence_growth: Number = Field(100.0, ge=1.0, description="A step's ||g||^2 above this multiple of its "
                                       "running mean, with curvature in use, drops the basis (checked every "
                                       "max_nonfinite_steps steps).")
+    divergence_rollback: Flag = Field(True, description="With a boosted heavy-ball base, a divergence also puts "
+                                      "back the parameters and momentum of the last basis install.")
     seed: Count = Field(0, ge=0)
     curvature: CurvatureConfig = Field(default_factory=CurvatureConfig,
                                        description="max_interval, when set, is at least refresh_interval.")

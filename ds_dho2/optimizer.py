@@ -35,6 +35,7 @@ from ds_dho2.update.admm import ADMMCoupling
 from ds_dho2.update.base import make_base_step
 from ds_dho2.update.guard import NonFiniteGradientError, NonFiniteGuard
 from ds_dho2.update.newton import NewtonStep
+from ds_dho2.update.rollback import Rollback
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class DHO2(torch.optim.Optimizer):
         self.tracker.payoff = self.newton.mean_share
         self.admm = ADMMCoupling(config)
         self.guard = NonFiniteGuard(config.max_nonfinite_steps, config.divergence_growth)
+        self.rollback = Rollback(config)
         #: every part whose state is saved, by name; a part is anything with a ``state`` declaration
         self.components: dict[str, Any] = {"base": self.base, "curvature": self.tracker, "newton": self.newton,
                                            "admm": self.admm, "guard": self.guard}
@@ -244,11 +246,25 @@ class DHO2(torch.optim.Optimizer):
         if self.tracker.basis is None:
             return
         boost = self.base.shrink_boost()
+        momentum = getattr(self.base.state, "momentum_buffer", None)
+        restored = None if momentum is None else self.rollback.restore(self.flat_parameters(), momentum)
+        if restored is not None:
+            self.guard.forget_mean()
+            self.admm.restart(self.flat_parameters())
         reason = (f"the gradient norm rose more than tenfold within {self.config.max_nonfinite_steps} steps at "
                   f"step {step} (a curvature-driven divergence?)" + (f"; heavy-ball boost cut to {boost:.2g} of "
-                                                                     "lr_clip - 1" if boost else ""))
+                                                                     "lr_clip - 1" if boost else "")
+                  + (f"; parameters and momentum put back to step {restored}" if restored is not None else ""))
+        if restored is not None:
+            self.tracker.stats["rollbacks"] = self.tracker.stats.get("rollbacks", 0) + 1
         events = self.tracker.stats.get("divergence_guard_events", 0) + 1
         self.tracker.stats["divergence_guard_events"] = events
+        if restored is not None:
+            log_on_main_rank(logger, logging.WARNING if events == 1 else logging.DEBUG,
+                             "DHO2 dropped its curvature basis and measures it again after %d steps: %s.",
+                             self.config.refresh_interval, reason)
+            self.tracker.pause(step, self.config.refresh_interval)
+            return
         log_on_main_rank(logger, logging.WARNING if events == 1 else logging.DEBUG,
                          "DHO2 dropped its curvature basis and refreshes early: %s.", reason)
         self.tracker.drop_basis(reason, quiet=True)
@@ -264,6 +280,8 @@ class DHO2(torch.optim.Optimizer):
         dtype = self.base.dtype
         grad = self.admm.gradient(grad.to(dtype))
         basis = self.tracker.basis
+        if self.rollback.active and basis is not None:
+            self.rollback.before_step(basis.version, step - 1, flat, self.base.state.momentum_buffer)
         split = hybrid.split_gradient(grad, basis, comm)
         keep = (split.nonfinite == 0).to(dtype)
         direction = self.base.direction(split.complement, keep, group)

@@ -375,6 +375,16 @@ class CurvatureTracker:
             log_on_main_rank(logger, logging.WARNING, "DHO2 dropped its curvature basis: %s.", reason)
         self._drop()
 
+    def pause(self, step: int, steps: int) -> None:
+        """Forget the basis (and a refresh in progress) and measure again only after ``steps`` steps: after
+        a rollback the base optimizer trains on from the good point first, so the next basis is not measured
+        where the last one failed."""
+        state = self.state
+        self._drop(quiet=True)
+        state.lanczos = None
+        state.interval = self.config.refresh_interval
+        state.next_refresh = step + steps
+
     def _drop(self, quiet: bool = False) -> None:
         state = self.state
         state.eigenvalues = state.eigenvectors = state.transition = None

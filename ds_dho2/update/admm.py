@@ -113,6 +113,14 @@ class ADMMCoupling:
         self.stats.update(admm_extrapolation_norm=result.extrapolation_norm, admm_safeguard_scale=result.scale,
                           admm_accepted=float(accepted), admm_acceptance_rate=state.accepted / state.windows)
 
+    def restart(self, flat: FlatParameters) -> None:
+        """After a rollback: no dual, no spread in progress, the anchor at the restored parameters."""
+        state = self.state
+        if state.dual is not None:
+            state.dual.zero_()
+            state.anchor.copy_(flat.values())
+        state.pending, state.pending_steps = None, 0
+
     def loaded(self) -> None:
         """After a checkpoint load: non-finite coupling state is reset (the anchor to the next step's x)."""
         state = self.state

@@ -35,6 +35,7 @@ class HeavyBallState(ComponentState):
     momentum_buffer: torch.Tensor | None = sharded()
     applied_steps: torch.Tensor | None = replicated(None)
     boost: float = replicated(1.0)  # the share of lr_clip - 1 in use; the divergence guard halves it
+    sharpest: torch.Tensor | None = replicated(None)  # the largest |lambda| any basis of this run measured
 
 
 class BaseStep(abc.ABC):
@@ -74,7 +75,7 @@ class BaseStep(abc.ABC):
     def torch_entries(self) -> dict[str, torch.Tensor]:
         """The moments under their usual names, for ``optimizer.state`` (DeepSpeed's state helpers)."""
         return {spec.name: getattr(self.state, spec.name) for spec in self.state.field_specs()
-                if spec.name != "applied_steps" and getattr(self.state, spec.name) is not None}
+                if spec.name not in ("applied_steps", "sharpest") and getattr(self.state, spec.name) is not None}
 
 
 class AdamWStep(BaseStep):
@@ -141,6 +142,8 @@ class HeavyBallStep(BaseStep):
             state.momentum_buffer = torch.zeros(numel, dtype=dtype, device=device)
         if state.applied_steps is None:
             state.applied_steps = torch.zeros((), dtype=dtype, device=device)
+        if state.sharpest is None:
+            state.sharpest = torch.zeros((), dtype=torch.float64, device=device)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -154,14 +157,20 @@ class HeavyBallStep(BaseStep):
 
     def scale(self, basis: hybrid.Basis, group: dict) -> torch.Tensor:
         """``clip(lambda_max / lambda_min, 1, lr_clip)``, times the guard's ``boost`` (1 until a divergence),
-        and never more than keeps the boosted lr stable on the complement: heavy-ball with lr is stable
-        while ``lr * lambda < 2 (1 + momentum)``, the complement's curvature is at most the smallest kept
-        ``|lambda|`` (when the basis holds the top ones), so ``s <= STABILITY_MARGIN * 2 (1 + momentum) /
-        (lr * |lambda_min|)``."""
-        s = hybrid.newton_scale(basis.values, 1.0 + (self.config.lr_clip - 1.0) * self.state.boost).to(self.dtype)
+        and never more than keeps the boosted lr stable for every curvature this run has measured:
+        heavy-ball with lr is stable while ``lr * lambda < 2 (1 + momentum)``, so ``s <= STABILITY_MARGIN *
+        2 (1 + momentum) / (lr * lambda_seen)`` with ``lambda_seen`` the largest ``|lambda|`` of any basis so
+        far. Not the smallest kept one: a basis is an estimate (a few samples, a few steps old), and a
+        sharp direction it missed, or one that sharpened since, meets the boosted lr on the complement; a
+        refresh on a batch the model has memorised can measure a far flatter surface than the one the run
+        trains on. A run whose lr has shown it sits near heavy-ball's limit (SGD-momentum training at the
+        edge of stability) gets no boost."""
+        state = self.state
+        torch.maximum(state.sharpest, basis.values.abs().max().to(state.sharpest.dtype), out=state.sharpest)
+        s = hybrid.newton_scale(basis.values, 1.0 + (self.config.lr_clip - 1.0) * state.boost).to(self.dtype)
         lr, momentum = group["lr"], group["momentum"]
         if lr > 0:
-            limit = STABILITY_MARGIN * 2 * (1 + momentum) / (lr * basis.values.abs().min().to(self.dtype))
+            limit = STABILITY_MARGIN * 2 * (1 + momentum) / (lr * state.sharpest.to(self.dtype))
             s = torch.minimum(s, limit.clamp_min(1.0))
         return s
 

@@ -7,9 +7,10 @@ current streak of skipped steps, the longest streak and the number of skips sinc
 skips before DHO2 sees them (ZeRO's overflow check) are counted through :meth:`NonFiniteGuard.engine_skipped`,
 so the stop fires under ZeRO too.
 
-Divergence: the guard keeps a running mean of ``||g||^2`` and the largest ratio of a step's ``||g||^2`` to
-it; at the same reads it reports a rise of more than :data:`DIVERGENCE_GROWTH` (a tenfold gradient norm
-within a few steps), to which the optimizer answers when a curvature basis is in use.
+Divergence: the guard keeps a running mean of ``||g||^2``, the mean as it was at the last read, and the
+largest ratio of a step's ``||g||^2`` to the lower of the two; at the same reads it reports a rise of more
+than :data:`DIVERGENCE_GROWTH` (a tenfold gradient norm within a read interval), to which the optimizer
+answers when a curvature basis is in use.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class GuardState(ComponentState):
     longest_streak: torch.Tensor | None = replicated(None)
     skipped: torch.Tensor | None = replicated(None)
     grad_sq_mean: torch.Tensor | None = replicated(None)  # running mean of ||g||^2 over applied steps
+    grad_sq_reference: torch.Tensor | None = replicated(None)  # the running mean at the last read (-1: none)
     growth: torch.Tensor | None = replicated(None)  # largest ||g||^2 / running mean since the last read
 
 
@@ -58,6 +60,8 @@ class NonFiniteGuard:
                 setattr(state, name, torch.zeros((), dtype=torch.float32, device=device))
         if state.grad_sq_mean is None:
             state.grad_sq_mean = torch.full((), -1.0, dtype=torch.float64, device=device)  # -1: no step yet
+        if state.grad_sq_reference is None:
+            state.grad_sq_reference = torch.full((), -1.0, dtype=torch.float64, device=device)
 
     def record(self, keep: torch.Tensor, grad_sq: torch.Tensor, watch: bool) -> None:
         """Count this step: ``keep`` is 1 for an applied step, 0 for a skipped one; ``grad_sq`` its
@@ -75,8 +79,19 @@ class NonFiniteGuard:
         grad_sq = torch.where(keep > 0, grad_sq.to(torch.float64), state.grad_sq_mean.clamp_min(0))
         first = state.grad_sq_mean < 0
         mean = torch.where(first, grad_sq, state.grad_sq_mean)
-        torch.maximum(state.growth, (grad_sq / mean.clamp_min(1e-300)).to(state.growth.dtype), out=state.growth)
+        # against the lower of the running mean and the mean at the last read: a sudden spike stands out
+        # against the first, a steady climb of a few times per step (which the running mean follows) against
+        # the second
+        reference = torch.where(state.grad_sq_reference > 0, torch.minimum(mean, state.grad_sq_reference), mean)
+        torch.maximum(state.growth, (grad_sq / reference.clamp_min(1e-300)).to(state.growth.dtype), out=state.growth)
         state.grad_sq_mean.copy_(mean.mul(1 - MEAN_WEIGHT).add_(grad_sq, alpha=MEAN_WEIGHT))
+
+    def forget_mean(self) -> None:
+        """Start the running mean of ``||g||^2`` afresh (after a rollback its history belongs to steps undone)."""
+        if self.state.grad_sq_mean is not None:
+            self.state.grad_sq_mean.fill_(-1.0)
+            self.state.grad_sq_reference.fill_(-1.0)
+            self.state.growth.zero_()
 
     def check(self, step: int) -> bool:
         """Every ``limit`` steps read the counters: warn about skips, stop a run that never recovers.
@@ -85,6 +100,7 @@ class NonFiniteGuard:
             return False
         growth = float(self.state.growth)
         self.state.growth.zero_()
+        self.state.grad_sq_reference.copy_(self.state.grad_sq_mean)
         self._report(step)
         return growth > self.divergence_growth
 

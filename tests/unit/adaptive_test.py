@@ -151,22 +151,31 @@ def _slice(model: torch.nn.Module, param: torch.Tensor) -> slice:
     raise KeyError
 
 
-def test_heavy_ball_boost_never_leaves_the_stable_range() -> None:
-    """With eigenvalues 50 and 10 (lambda_max / lambda_min = 5) the boost would be lr_clip = 3; at lr 0.1 the
-    complement (curvature up to 10) would then run at 3 * 0.1 * 10 = 3, past half heavy-ball's stability
-    limit 2 (1 + 0.9) = 3.8: the cap STABILITY_MARGIN * 3.8 / (0.1 * 10) = 1.9 binds."""
+def test_heavy_ball_boost_never_leaves_the_stable_range_of_the_sharpest_curvature_seen() -> None:
+    """With eigenvalues 50 and 10 (lambda_max / lambda_min = 5) the boost would be lr_clip = 3; at lr 0.02 a
+    boosted complement meeting the sharpest measured curvature (50) would run at 3 * 0.02 * 50 = 3, past half
+    heavy-ball's stability limit 2 (1 + 0.9) = 3.8: the cap STABILITY_MARGIN * 3.8 / (0.02 * 50) = 1.9 binds.
+    A later basis that measures a flatter surface (5 and 1) does not lift the cap: the run has shown 50."""
     from ds_dho2.core.hybrid import Basis
 
     param = torch.nn.Parameter(torch.zeros(4))
-    opt = DHO2([param], lr=0.1, base="heavyball", rank=2)
-    basis = Basis(values=torch.tensor([50.0, 10.0], dtype=torch.float64), vectors=torch.eye(2, 4), version=1)
+    opt = DHO2([param], lr=0.02, base="heavyball", rank=2)
+    sharp = Basis(values=torch.tensor([50.0, 10.0], dtype=torch.float64), vectors=torch.eye(2, 4), version=1)
+    flat = Basis(values=torch.tensor([5.0, 1.0], dtype=torch.float64), vectors=torch.eye(2, 4), version=2)
     opt._prepare()
-    s = float(opt.base.scale(basis, opt.param_groups[0]))
-    assert s == pytest.approx(STABILITY_MARGIN * 2 * 1.9 / (0.1 * 10))
-    opt.param_groups[0]["lr"] = 0.001  # small lr: the cap does not bind, lr_clip does
-    assert float(opt.base.scale(basis, opt.param_groups[0])) == pytest.approx(3.0)
+    group = opt.param_groups[0]
+    assert float(opt.base.scale(sharp, group)) == pytest.approx(STABILITY_MARGIN * 2 * 1.9 / (0.02 * 50))
+    assert float(opt.base.scale(flat, group)) == pytest.approx(1.9)  # 5 / 1 asks for 3; 50 was seen
+    group["lr"] = 0.2  # lr * 50 = 10 is past the limit already: no boost at all
+    assert float(opt.base.scale(flat, group)) == pytest.approx(1.0)
+    group["lr"] = 0.001  # small lr: the cap does not bind, lr_clip does
+    assert float(opt.base.scale(flat, group)) == pytest.approx(3.0)
     assert opt.base.shrink_boost() == 0.5  # the guard's answer: half the boost beyond 1
-    assert float(opt.base.scale(basis, opt.param_groups[0])) == pytest.approx(2.0)
+    assert float(opt.base.scale(flat, group)) == pytest.approx(2.0)
+    fresh = DHO2([torch.nn.Parameter(torch.zeros(4))], lr=0.001, base="heavyball", rank=2)
+    fresh._prepare()
+    fresh.load_state_dict(opt.state_dict())  # the sharpest curvature seen is part of the saved state
+    assert float(fresh.base.state.sharpest) == 50.0 and fresh.base.state.boost == 0.5
 
 
 class Sharpening(torch.nn.Module):
@@ -184,9 +193,12 @@ class Sharpening(torch.nn.Module):
 
 
 def test_divergence_guard_drops_the_basis_and_cuts_the_boost_once(caplog) -> None:
+    """Without a rollback (``divergence_rollback`` off) the guard drops the basis, halves the boost and
+    refreshes early, on the sharpened surface."""
     model = Sharpening()
     opt = DHO2(model.parameters(), lr=0.05, base="heavyball", rank=2, warmup_steps=2, refresh_interval=50,
-               hvp="reverse", max_nonfinite_steps=5, curvature={"back_off": False}).attach(model)
+               hvp="reverse", max_nonfinite_steps=5, curvature={"back_off": False},
+               divergence_rollback=False).attach(model)
     with caplog.at_level(logging.WARNING, logger="ds_dho2"):
         for step in range(1, 31):
             if step == 8:
@@ -201,3 +213,70 @@ def test_divergence_guard_drops_the_basis_and_cuts_the_boost_once(caplog) -> Non
     assert caplog.text.count("DHO2 dropped its curvature basis and refreshes early") == 1
     assert stats["refresh_step"] > 10  # refreshed early on the sharpened surface
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class BoostTrap(torch.nn.Module):
+    """A quadratic with curvatures 10, 2 and then 1 (18 coordinates); at ``sharpen_at`` the 18 flat ones
+    become 25: plain heavy-ball at lr 0.09 still trains (0.09 * 25 = 2.25 < 2 (1 + 0.9)), but the lr boosted
+    for the first basis (10 / 2, capped at 0.5 * 3.8 / (0.09 * 10) = 2.11) meets them at 0.19 * 25 = 4.75
+    and diverges."""
+
+    def __init__(self, sharpen_at: int) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.nn.Parameter(torch.randn(20, generator=generator, dtype=torch.float64))
+        self.values = torch.tensor([10.0, 2.0] + [1.0] * 18, dtype=torch.float64)
+        self.sharpen_at, self.calls = sharpen_at, 0
+
+    def forward(self) -> torch.Tensor:
+        values = self.values.clone()
+        if self.calls >= self.sharpen_at:
+            values[2:] = 25.0
+        return 0.5 * (values * self.x.square()).sum()
+
+
+def test_divergence_rollback_puts_back_the_install_point_and_the_run_trains_on(caplog) -> None:
+    model = BoostTrap(sharpen_at=30)
+    opt = DHO2(model.parameters(), lr=0.09, base="heavyball", rank=2, warmup_steps=2, refresh_interval=20,
+               hvp="reverse", max_nonfinite_steps=5, curvature={"back_off": False}).attach(model)
+    kept, installed, losses, rolled_back_at = None, None, [], None
+    with caplog.at_level(logging.WARNING, logger="ds_dho2"):
+        for step in range(1, 151):
+            before = (model.x.detach().clone(), None if step == 1 else opt.base.state.momentum_buffer.clone())
+            opt.zero_grad()
+            loss = model()
+            model.calls += 1
+            loss.backward()
+            opt.step()
+            basis = opt.tracker.basis
+            if basis is not None and basis.version != installed:  # a basis was installed in this step
+                kept, installed = before, basis.version
+            losses.append(float(loss.detach()))
+            if rolled_back_at is None and opt.curvature_stats().get("rollbacks") == 1:
+                # the guard's read saw the rise: parameters and momentum are those of the install point
+                rolled_back_at = step
+                torch.testing.assert_close(model.x.detach(), kept[0], rtol=0, atol=0)
+                torch.testing.assert_close(opt.base.state.momentum_buffer, kept[1], rtol=0, atol=0)
+                assert opt.eigenvalues is None
+    stats = opt.curvature_stats()
+    assert stats["rollbacks"] == 1 and stats["divergence_guard_events"] == 1 and opt.base.state.boost == 0.5
+    assert max(losses[:rolled_back_at]) > 10 * losses[0]  # it did diverge before the rollback
+    assert rolled_back_at > 30 and losses[-1] < 1e-2 * losses[0]  # and trained on, as heavy-ball does there
+    assert caplog.text.count("parameters and momentum put back to step") == 1
+    assert stats["refresh_step"] >= rolled_back_at + 20  # no refresh on the surface the failed basis left
+
+
+def test_divergence_guard_sees_a_steady_climb_the_running_mean_follows() -> None:
+    """||g||^2 growing 4x a step: against the running mean (weight 0.1) each step is only ~31x, below the
+    threshold of 100; against the mean at the last read it is far above."""
+    from ds_dho2.update.guard import NonFiniteGuard
+
+    guard = NonFiniteGuard(limit=5, divergence_growth=100.0)
+    guard.materialize(torch.device("cpu"))
+    keep = torch.ones(())
+    flagged = []
+    for step in range(1, 21):
+        grad_sq = torch.tensor(1.0 if step <= 10 else 4.0 ** (step - 10), dtype=torch.float64)
+        guard.record(keep, grad_sq, watch=True)
+        flagged.append(guard.check(step))
+    assert flagged[:10] == [False] * 10 and flagged[14] is True  # the read at step 15
