@@ -15,6 +15,7 @@ SUITES = {
     "subspace": "benchmarks.subspace",
     "zero3_memory": "benchmarks.memory_zero3",
     "regimes": "benchmarks.regimes",
+    "map_stability": "benchmarks.map_stability",
 }
 
 

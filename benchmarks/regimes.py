@@ -300,7 +300,10 @@ def _curvature_summary(optimizer: Any) -> dict[str, Any]:
         return {"refreshes": int(getattr(state, "refresh_count", 0)),
                 "basis_version": None if basis is None else int(basis.version),
                 "rank_at_end": None if basis is None else basis.rank,
-                "hvp_strategy": getattr(state, "hvp_strategy", None)}
+                "hvp_strategy": getattr(state, "hvp_strategy", None),
+                "divergence_guard_events": int(tracker.stats.get("divergence_guard_events", 0)),
+                "rollbacks": int(tracker.stats.get("rollbacks", 0)),
+                "dormant_at_end": bool(getattr(state, "dormant", False))}
     except Exception as error:  # noqa: BLE001 - a diagnostic only
         return {"error": f"{type(error).__name__}: {error}"}
 
@@ -656,26 +659,35 @@ def agreement(regime: str, best_dho2_time_ratio: float | None) -> dict[str, Any]
 
 
 # ------------------------------------------------------------------------------------------ one setting
+def tune_method(task: RegimeTask, data: RegimeData, batch: int, method: Method, seeds: list[int],
+                max_extensions: int, neighbours: bool, centers: dict[str, float] | None = None
+                ) -> tuple[dict[str, Any], dict[tuple[float, int], dict[str, Any]]]:
+    """One method's lr protocol at one (task, batch): its tuning record and every run it took."""
+    runs: dict[tuple[float, int], dict[str, Any]] = {}
+
+    def final_loss(lr: float, seed: int) -> float:
+        if (lr, seed) not in runs:
+            record = train_run(task, data, batch, method, lr, seed)
+            runs[lr, seed] = record
+            print(f"[regimes] {task.name} B={batch} {method.name} lr {lr:.4g} seed {seed}: final "
+                  f"{record['final_loss']:.5g} ({record['seconds']:.1f} s)", flush=True)
+        return runs[lr, seed]["final_loss"]
+
+    center = (centers or {}).get(method.name) or task.lr_center(method.name, method.anchor)
+    return tune_lr(center, final_loss, seeds, max_extensions=max_extensions, neighbours=neighbours), runs
+
+
 def run_setting(task: RegimeTask, data: RegimeData, batch: int, methods: list[Method], seeds: list[int],
                 max_extensions: int = MAX_EXTENSIONS, probe_rank: int = PROBE_MAX_RANK,
                 centers: dict[str, float] | None = None, neighbours: bool = True) -> dict[str, Any]:
     """The whole protocol at one (task, batch): tuning, target, race, lockstep cost, probes, agreement."""
     started = time.perf_counter()
     budget = task.budgets[batch]
-    runs: dict[str, dict[tuple[float, int], dict[str, Any]]] = {m.name: {} for m in methods}
+    runs: dict[str, dict[tuple[float, int], dict[str, Any]]] = {}
     tuning: dict[str, Any] = {}
     for method in methods:
-        def final_loss(lr: float, seed: int, method: Method = method) -> float:
-            key = (lr, seed)
-            if key not in runs[method.name]:
-                record = train_run(task, data, batch, method, lr, seed)
-                runs[method.name][key] = record
-                print(f"[regimes] {task.name} B={batch} {method.name} lr {lr:.4g} seed {seed}: final "
-                      f"{record['final_loss']:.5g} ({record['seconds']:.1f} s)", flush=True)
-            return runs[method.name][key]["final_loss"]
-
-        center = (centers or {}).get(method.name) or task.lr_center(method.name, method.anchor)
-        tuning[method.name] = tune_lr(center, final_loss, seeds, max_extensions=max_extensions, neighbours=neighbours)
+        tuning[method.name], runs[method.name] = tune_method(task, data, batch, method, seeds, max_extensions,
+                                                             neighbours, centers)
     tuned = {name: t["tuned_lr"] for name, t in tuning.items()}
     tuned_runs = {name: [runs[name][(tuned[name], s)] for s in seeds] for name in tuned}
     candidates = {name: _mean([r["final_loss"] for r in tuned_runs[name]]) for name in TARGET_METHODS if name in tuned}
@@ -910,6 +922,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recost", default=None, metavar="JSON",
                         help="run no race: measure the lockstep cost of a finished (unmerged) run again at its tuned "
                              "lrs and rewrite its ratios, under --output-name (default: the same name)")
+    parser.add_argument("--rerun", default=None, metavar="METHODS",
+                        help="with --recost: tune and race these methods again first (comma-separated), e.g. after "
+                             "a change to them, against the recorded target")
     return parser
 
 
@@ -952,10 +967,12 @@ REACH_KEYS = ("per_seed", "reached", "seeds", "censored", "steps_mean", "seconds
               "final_test_loss")
 
 
-def recost_results(path: str | Path, command: str) -> dict[str, Any]:
+def recost_results(path: str | Path, command: str, rerun: Iterable[str] = ()) -> dict[str, Any]:
     """A finished run with its lockstep cost measured again (the current protocol, the recorded tuned lrs, the
     recorded races): ratios, best DHO2 ratio and the probes' agreement follow the new cost; the tuning, the
-    races and the probe reports are kept. For a merged map, re-measure each source and merge again."""
+    races, the target and the probe reports are kept. The methods named in ``rerun`` are tuned and raced
+    again first (the current code, the same protocol and seeds, against the recorded target). For a merged
+    map, re-measure each source and merge again."""
     from benchmarks.convergence import _git_state
 
     run = json.loads(Path(path).read_text())
@@ -971,6 +988,18 @@ def recost_results(path: str | Path, command: str) -> dict[str, Any]:
             methods = [registry[name] for name in setting["race"]]
             tuned = {name: race["lr"] for name, race in setting["race"].items()}
             summaries = {name: {k: race[k] for k in REACH_KEYS} for name, race in setting["race"].items()}
+            for name in rerun:
+                settings = run["settings"]
+                tuning, runs = tune_method(task, data, batch, registry[name], setting["seeds"],
+                                           settings["max_extensions"], settings["seeded_neighbours"],
+                                           variant_centers(settings.get("variants")))
+                tuned[name] = tuning["tuned_lr"]
+                summaries[name] = reach_summary([runs[tuned[name], s] for s in setting["seeds"]],
+                                                setting["target"]["value"], setting["budget"])
+                setting["tuning"][name] = tuning
+                setting["runs"][name] = [r for _, r in sorted(runs.items())]
+                if name not in setting["race"]:
+                    methods.append(registry[name])
             cost = lockstep_costs(task, data, batch, methods, tuned)
             setting["race"] = race_table(methods, summaries, tuned, setting["target"]["method"], cost)
             setting["lockstep"] = compact_lockstep(cost, task.eval_steps(batch))
@@ -982,7 +1011,10 @@ def recost_results(path: str | Path, command: str) -> dict[str, Any]:
             print(f"[regimes] {task_name} B={batch}: lockstep re-measured in {setting['recost_seconds']:.0f} s; "
                   f"best DHO2 time ratio {_f(best, '.2f')}", flush=True)
     run["settings"]["lockstep"] = LOCKSTEP_PROTOCOL
-    run["recosted"] = {"command": command, "git": _git_state(), "at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    run["recosted"] = {"command": command, "git": _git_state(), "at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                       "rerun": list(rerun)}
+    for name in rerun:
+        run["methods"][name] = {**registry[name].describe(), "resolved": _resolved(registry[name])}
     return run
 
 
@@ -997,7 +1029,8 @@ def main(argv: list[str] | None = None, variants: dict[str, dict[str, Any]] | No
     torch.set_num_threads(args.threads)
     if args.recost:
         command = "python -m benchmarks regimes " + " ".join(argv if argv is not None else sys.argv[1:])
-        payload = recost_results(args.recost, command)
+        rerun = [n.strip() for n in (args.rerun or "").split(",") if n.strip()]
+        payload = recost_results(args.recost, command, rerun)
         path = _write(args.output_name or Path(args.recost).stem, payload)
         print(f"[regimes] re-measured cost: {path}")
         return payload

@@ -178,15 +178,21 @@ def test_quick_main_writes_json_tables_and_figure(tmp_path):
         regimes.merge_results([parts[0], parts[0]])
 
     # --recost measures the lockstep again at the recorded tuned lrs and keeps the races
-    recosted = regimes.main(["--recost", str(tmp_path / "regimes_quick.json"), "--output-name",
+    recosted = regimes.main(["--recost", str(tmp_path / "regimes_quick.json"), "--rerun", "dho2", "--output-name",
                              str(tmp_path / "regimes_recosted")])
     again = json.loads((tmp_path / "regimes_recosted.json").read_text())
-    assert again["recosted"]["command"].startswith("python -m benchmarks regimes --recost") and recosted["recosted"]
+    assert again["recosted"]["command"].startswith("python -m benchmarks regimes --recost")
+    assert recosted["recosted"]["rerun"] == ["dho2"]
     for task, entry in again["tasks"].items():
         for batch, setting in entry["batches"].items():
             before = saved["tasks"][task]["batches"][batch]
-            assert setting["tuning"] == before["tuning"] and setting["lockstep"]["steps"] == setting["budget"]
+            assert setting["lockstep"]["steps"] == setting["budget"] and setting["target"] == before["target"]
             for name, race in setting["race"].items():
+                if name == "dho2":  # tuned and raced again: its own new runs
+                    assert setting["tuning"][name]["grid"] and race["lr"] == setting["tuning"][name]["tuned_lr"]
+                    assert len(setting["runs"][name]) >= len(setting["tuning"][name]["grid"])
+                    continue
+                assert setting["tuning"][name] == before["tuning"][name]
                 assert race["per_seed"] == before["race"][name]["per_seed"] and race["lr"] == before["race"][name]["lr"]
                 assert len(setting["lockstep"]["methods"][name]["cumulative_at_eval"]) == len(
                     [s for s in setting["eval_steps"] if s >= 1])
