@@ -98,6 +98,11 @@ def test_race_cost_is_the_mean_lockstep_step_over_the_steps_to_target():
     assert entry["time_ratio"] == pytest.approx(45 / 40) and entry["lockstep_seconds_to_target"] == pytest.approx(40)
     assert entry["steady_cost_ratio"] == pytest.approx(0.5) and race["ref"]["time_ratio"] == pytest.approx(1.0)
     assert regimes.best_dho2_ratio(methods, race) == pytest.approx(45 / 40)
+    # DHO2 at its defaults against AdamW when SGD-momentum set the target: the ratio of their time ratios
+    race_both = {"adamw": {"time_ratio": 0.72, "step_ratio": 0.92, "cost_ratio": 0.79},
+                 "dho2": {"time_ratio": 0.83, "step_ratio": 1.12, "cost_ratio": 0.74}}
+    assert regimes.defaults_vs_adamw(race_both) == "1.15x (= 1.22 x 0.94)"
+    assert regimes.defaults_vs_adamw({**race_both, "dho2": {"time_ratio": None}}) == "DHO2 never reached the target"
     compact = regimes.compact_lockstep(lock, [10, 40, 50])
     assert compact["methods"]["dho2"]["cumulative_at_eval"] == [[10, 30.0], [40, 60.0]]
     assert "cumulative" not in compact["methods"]["dho2"]
@@ -199,6 +204,21 @@ def test_quick_main_writes_json_tables_and_figure(tmp_path):
     assert "re-measured" in (tmp_path / "regimes_recosted.md").read_text()
     with pytest.raises(SystemExit, match="unmerged"):
         regimes.recost_results(tmp_path / "regimes_merged.json", "x")
+
+    # the heavy-ball check walks SGD-momentum's recorded grid, seed by seed
+    from benchmarks import map_stability
+
+    checked = map_stability.main(["--map", str(tmp_path / "regimes_quick.json"), "--tasks", "digits", "--seeds", "0,1",
+                                  "--output-name", str(tmp_path / "map_stability")])
+    rows = [row for batch in checked["tasks"]["digits"].values() for row in batch]
+    grid = [lr for batch in saved["tasks"]["digits"]["batches"].values()
+            for lr, _, _ in map_stability.sgd_lrs(batch, "grid")]
+    assert len(rows) == len(grid) == checked["checks"] and all(len(row["runs"]) == 2 for row in rows)
+    for row in rows:
+        for run in row["runs"]:
+            assert run["passes"] == (not run["applies"] or (run["final_loss"] is not None and
+                                                            run["final_loss"] < 0.5 * run["initial_loss"]))
+    assert "| digits |" in (tmp_path / "map_stability.md").read_text()
 
 
 def test_results_are_json_safe_for_every_peer_default():

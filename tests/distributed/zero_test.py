@@ -653,6 +653,25 @@ def test_ds_configs_are_complete_and_load() -> None:
         assert "auto" not in json.dumps(resolved).replace('"hvp"', "")
 
 
+def test_recommended_configs_carry_the_configuration_the_regime_map_measured_best() -> None:
+    """``dho2_{autoencoder,classifier,lm_finetune}.json`` (docs/benchmarks.md, "Recommended configurations"):
+    DHO2 at its defaults with the curvature back-off on, ZeRO-2; the LM fine-tune in bf16. Each resolves to
+    a valid DHO2 configuration whose choices equal the library defaults the map raced."""
+    from ds_dho2.config import DHO2Config
+    from ds_dho2.integrations.deepspeed import load_config
+
+    defaults = DHO2Config()
+    for name, bf16 in (("dho2_autoencoder.json", False), ("dho2_classifier.json", False),
+                       ("dho2_lm_finetune.json", True)):
+        raw = json.loads((ROOT / "ds_configs" / name).read_text())
+        assert raw["optimizer"]["type"] == "DHO2" and raw["zero_optimization"]["stage"] == 2
+        assert raw.get("bf16", {}).get("enabled", False) is bf16
+        resolved = DHO2Config.from_dict(load_config(ROOT / "ds_configs" / name)["optimizer"]["params"])
+        assert resolved.curvature.back_off is True and resolved.curvature.payoff_share == defaults.curvature.payoff_share
+        for key in ("base", "rank", "refresh_interval", "warmup_steps", "alpha", "lr_clip", "newton_max_ratio"):
+            assert getattr(resolved, key) == getattr(defaults, key), (name, key)
+
+
 def test_load_config_overrides_and_errors(tmp_path: Path) -> None:
     from ds_dho2.integrations.deepspeed import load_config
 
