@@ -92,7 +92,7 @@ def test_benchmark_entry_point_lives_in_the_checkout_and_the_package_does_not_im
     proc = run([sys.executable, "-m", "benchmarks", "--help"], cwd=Path(ds_dho2.__file__).parent.parent)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ("usage: python -m benchmarks {overlap,scaling,convergence,curvature,stability,defaults_search,subspace,"
-                           "zero3_memory,regimes}"
+                           "zero3_memory,regimes,map_stability}"
                            " [--quick] [suite options]\n")
 
 
