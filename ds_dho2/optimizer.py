@@ -242,32 +242,31 @@ class DHO2(torch.optim.Optimizer):
 
     def _on_divergence(self, step: int) -> None:
         """The gradient norm rose tenfold within a few steps: if curvature is in use, drop the basis (and
-        with it the Newton momentum), halve a heavy-ball boost and refresh early; said once."""
+        with it the Newton momentum) and halve a heavy-ball boost; with a kept good point (a boosted
+        heavy-ball base) put it back and measure again after ``refresh_interval`` steps, else refresh early.
+        Said once."""
         if self.tracker.basis is None:
             return
         boost = self.base.shrink_boost()
         momentum = getattr(self.base.state, "momentum_buffer", None)
         restored = None if momentum is None else self.rollback.restore(self.flat_parameters(), momentum)
-        if restored is not None:
-            self.guard.forget_mean()
-            self.admm.restart(self.flat_parameters())
+        stats = self.tracker.stats
+        events = stats["divergence_guard_events"] = stats.get("divergence_guard_events", 0) + 1
         reason = (f"the gradient norm rose more than tenfold within {self.config.max_nonfinite_steps} steps at "
-                  f"step {step} (a curvature-driven divergence?)" + (f"; heavy-ball boost cut to {boost:.2g} of "
-                                                                     "lr_clip - 1" if boost else "")
-                  + (f"; parameters and momentum put back to step {restored}" if restored is not None else ""))
-        if restored is not None:
-            self.tracker.stats["rollbacks"] = self.tracker.stats.get("rollbacks", 0) + 1
-        events = self.tracker.stats.get("divergence_guard_events", 0) + 1
-        self.tracker.stats["divergence_guard_events"] = events
-        if restored is not None:
-            log_on_main_rank(logger, logging.WARNING if events == 1 else logging.DEBUG,
-                             "DHO2 dropped its curvature basis and measures it again after %d steps: %s.",
-                             self.config.refresh_interval, reason)
-            self.tracker.pause(step, self.config.refresh_interval)
+                  f"step {step} (a curvature-driven divergence?)"
+                  + (f"; heavy-ball boost cut to {boost:.2g} of lr_clip - 1" if boost else ""))
+        level = logging.WARNING if events == 1 else logging.DEBUG
+        if restored is None:
+            log_on_main_rank(logger, level, "DHO2 dropped its curvature basis and refreshes early: %s.", reason)
+            self.tracker.drop_basis(reason, quiet=True)
             return
-        log_on_main_rank(logger, logging.WARNING if events == 1 else logging.DEBUG,
-                         "DHO2 dropped its curvature basis and refreshes early: %s.", reason)
-        self.tracker.drop_basis(reason, quiet=True)
+        stats["rollbacks"] = stats.get("rollbacks", 0) + 1
+        self.guard.forget_mean()
+        self.admm.restart(self.flat_parameters())
+        log_on_main_rank(logger, level, "DHO2 dropped its curvature basis and measures it again after %d steps: "
+                         "%s; parameters and momentum put back to step %d.", self.config.refresh_interval,
+                         reason, restored)
+        self.tracker.pause(step, self.config.refresh_interval)
 
     def engine_skipped_step(self) -> None:
         """DeepSpeed skipped this step before calling DHO2 (inf/NaN gradients): count it for the guard."""
